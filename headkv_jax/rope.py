@@ -1,0 +1,92 @@
+"""Rotary position embeddings (RoPE) as a small pytree.
+
+The cache needs RoPE as much as the model does: in ``position_mode="cache_relative"``
+(StreamingLLM) keys are stored *before* rotation and rotated by their slot inside the cache,
+so the rotation lives here, in the library, and the models hand a :class:`RoPE` to the cache.
+
+Convention: Hugging Face's ``rotate_half`` layout (the first and second halves of ``head_dim``
+form the complex pairs), which is what Llama/Mistral/Qwen2 checkpoints in HF form expect.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import flax.struct
+import jax.numpy as jnp
+import numpy as np
+
+ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@flax.struct.dataclass
+class RoPE:
+  """Rotary embedding tables.
+
+  Attributes:
+    inv_freq: ``[head_dim // 2]`` float32 inverse frequencies (after any scaling).
+    attention_scaling: multiplies cos/sin (1.0 for every rope type supported here).
+  """
+
+  inv_freq: jnp.ndarray
+  attention_scaling: float = flax.struct.field(pytree_node=False, default=1.0)
+
+  def cos_sin(self, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """positions ``[...]`` int -> cos, sin ``[..., head_dim]`` float32."""
+    angles = positions.astype(jnp.float32)[..., None] * self.inv_freq  # [..., D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [..., D]
+    return jnp.cos(angles) * self.attention_scaling, jnp.sin(angles) * self.attention_scaling
+
+  def apply(self, x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
+    """Rotates ``x [B, T, H, D]`` by ``positions [B, T]``; computed in float32."""
+    cos, sin = self.cos_sin(positions)  # [B, T, D]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, D]
+    xf = x.astype(jnp.float32)
+    half = xf.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def rope_inv_freq(
+    head_dim: int,
+    theta: float,
+    scaling: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+  """Inverse frequencies ``[head_dim // 2]`` for the rope types in :data:`ROPE_TYPES`.
+
+  ``scaling`` is a Hugging Face ``rope_scaling`` dict (``rope_type`` or legacy ``type``);
+  ``None`` means the default rope.
+  """
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  rope_type = rope_type_of(scaling)
+  if rope_type == "default":
+    return inv_freq.astype(np.float32)
+  if rope_type == "linear":
+    return (inv_freq / float(scaling["factor"])).astype(np.float32)
+  # llama3: long wavelengths are slowed by `factor`, short ones kept, a smooth ramp between.
+  factor = float(scaling["factor"])
+  low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+  high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+  old_context = float(scaling["original_max_position_embeddings"])
+  low_freq_wavelen = old_context / low_freq_factor
+  high_freq_wavelen = old_context / high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_type_of(scaling: Mapping[str, Any] | None) -> str:
+  """The rope type named by an HF ``rope_scaling`` dict; raises for unsupported ones."""
+  if not scaling:
+    return "default"
+  rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+  if rope_type not in ROPE_TYPES:
+    raise ValueError(
+        f"Unsupported rope type {rope_type!r} in rope_scaling={dict(scaling)}; "
+        f"supported: {', '.join(ROPE_TYPES)}."
+    )
+  return rope_type

@@ -1,0 +1,144 @@
+"""Batched generation with a KV cache: prefill (whole or chunked), then a jitted decode step.
+
+Prompts of different lengths share one batch: each row is right-padded, padding gets position
+``-1`` (never stored, never attended), and every row continues from its own length, so a row
+generates exactly what it would alone. Prompt lengths are bucketed to limit recompiles.
+
+The cache is pluggable: ``make_cache(batch, capacity)`` returns any object with the cache
+contract (the dense cache by default; a compressed ``headkv_jax`` cache for the policies), and
+the optional hooks ``after_prefill_chunk`` / ``after_decode_step`` let a policy evict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from headkv_jax.dense_cache import DenseKVCache
+from models import sampling as sampling_lib
+from models.runner import ModelRunner
+
+BUCKET = 64  # prompt lengths are padded up to a multiple of this
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  """What :func:`generate` returns.
+
+  Attributes:
+    tokens: per prompt, the generated token ids (EOS included if produced).
+    prompt_lengths: per prompt, its length in tokens.
+    cache: the final cache (for ``nbytes`` and token counts).
+  """
+
+  tokens: list[list[int]]
+  prompt_lengths: list[int]
+  cache: object
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], max_positions: int, max_new_tokens: int,
+                  allow_long_context: bool) -> None:
+  """Raises a clear error for empty prompts or ones past the model's trained context."""
+  if not prompts:
+    raise ValueError("No prompts given; pass at least one non-empty prompt.")
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise ValueError(f"Prompt {i} is empty; every prompt needs at least one token.")
+    total = len(p) + max_new_tokens
+    if total > max_positions and not allow_long_context:
+      raise ValueError(
+          f"Prompt {i} has {len(p)} tokens + {max_new_tokens} new tokens = {total}, past the "
+          f"model's max_position_embeddings={max_positions}. Shorten it, or opt in with "
+          "allow_long_context=True (e.g. with a streamingllm cache in cache_relative mode).")
+
+
+def pad_batch(prompts: Sequence[Sequence[int]], length: int):
+  """Right-pads prompts -> ``tokens [B, length]``, ``positions [B, length]`` (-1 = padding)."""
+  b = len(prompts)
+  tokens = np.zeros((b, length), np.int32)
+  positions = np.full((b, length), -1, np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+    positions[i, :len(p)] = np.arange(len(p))
+  return tokens, positions
+
+
+def generate(
+    runner: ModelRunner,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    sampling: sampling_lib.SamplingConfig = sampling_lib.SamplingConfig(),
+    seed: int = 0,
+    eos_ids: Sequence[int] | None = None,
+    make_cache: Callable[[int, int], object] | None = None,
+    chunk_size: int | None = None,
+    after_prefill_chunk: Callable[[object], object] | None = None,
+    after_decode_step: Callable[[object], object] | None = None,
+    allow_long_context: bool = False,
+) -> GenerationResult:
+  """Generates up to ``max_new_tokens`` for each prompt; stops a row at EOS."""
+  cfg = runner.config
+  if max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+  if chunk_size is not None and chunk_size <= 0:
+    raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+  check_prompts(prompts, cfg.max_position_embeddings, max_new_tokens, allow_long_context)
+  eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
+  b = len(prompts)
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  padded = _round_up(int(lengths.max()), BUCKET)
+  if make_cache is None:
+    make_cache = functools.partial(
+        _dense_cache, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, runner.model.dtype)
+  cache = make_cache(b, _round_up(padded + max_new_tokens, BUCKET))
+
+  # Prefill, whole or in chunks; the last chunk's logits give each row's first new token.
+  tokens, positions = pad_batch(prompts, padded)
+  chunk = padded if chunk_size is None else chunk_size
+  last_logits = None
+  for start in range(0, padded, chunk):
+    stop = min(start + chunk, padded)
+    tok_c, pos_c = tokens[:, start:stop], positions[:, start:stop]
+    logits, cache = runner.forward(tok_c, pos_c, cache, last_only=True)
+    # A row whose prompt ended in an earlier chunk keeps the logits from that chunk.
+    has_tokens = (pos_c >= 0).any(axis=1)
+    last_logits = logits if last_logits is None else jnp.where(
+        jnp.asarray(has_tokens)[:, None], logits, last_logits)
+    if after_prefill_chunk is not None:
+      cache = after_prefill_chunk(cache)
+
+  key = jax.random.PRNGKey(seed)
+  out: list[list[int]] = [[] for _ in range(b)]
+  done = np.zeros(b, bool)
+  if max_new_tokens == 0:
+    return GenerationResult(out, lengths.tolist(), cache)
+  key, sub = jax.random.split(key)
+  next_tok = np.asarray(sampling_lib.sample(last_logits, sub, sampling))
+  for step in range(max_new_tokens):
+    for i in range(b):
+      if not done[i]:
+        out[i].append(int(next_tok[i]))
+        done[i] = int(next_tok[i]) in eos
+    if done.all() or step == max_new_tokens - 1:
+      break
+    pos = np.where(done, -1, lengths + step)[:, None].astype(np.int32)  # [B, 1]
+    logits, cache = runner.forward(next_tok[:, None], pos, cache, last_only=True)
+    if after_decode_step is not None:
+      cache = after_decode_step(cache)
+    key, sub = jax.random.split(key)
+    next_tok = np.asarray(sampling_lib.sample(logits, sub, sampling))
+  return GenerationResult(out, lengths.tolist(), cache)
+
+
+def _dense_cache(num_layers, num_kv_heads, head_dim, dtype, batch, capacity):
+  return DenseKVCache.create(num_layers, batch, num_kv_heads, head_dim, capacity, dtype)

@@ -1,0 +1,137 @@
+"""Llama-family decoder in Flax NNX: Llama 2/3/3.1, Mistral, Qwen2 (q/k/v bias), SmolLM2.
+
+Usage::
+
+    model = Llama(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    logits, cache = model(tokens, positions, cache)
+
+``tokens [B, T]`` int32; ``positions [B, T]`` int32 absolute positions (``-1`` = padding; a
+ragged batch is right-padded), default ``arange(T)``. ``cache=None`` runs plain causal
+attention; otherwise any object with the cache contract
+``cache.attend(layer, q, k, v, positions, rope) -> (out, cache)`` (the dense cache or a
+compressed ``headkv_jax`` cache) sees each layer's pre-RoPE projections. Layers are unrolled in
+Python: on CPU that decoded faster than ``scan`` with per-layer donated cache buffers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from headkv_jax import attention
+from models.config import LlamaConfig
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, dtype):
+    self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def _linear(din, dout, dtype, rngs, bias=False):
+  return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+    self.cfg = cfg
+    h, d = cfg.hidden_size, cfg.head_dim
+    self.q_proj = _linear(h, cfg.num_heads * d, dtype, rngs, cfg.attention_bias)
+    self.k_proj = _linear(h, cfg.num_kv_heads * d, dtype, rngs, cfg.attention_bias)
+    self.v_proj = _linear(h, cfg.num_kv_heads * d, dtype, rngs, cfg.attention_bias)
+    self.o_proj = _linear(cfg.num_heads * d, h, dtype, rngs)
+
+  def __call__(self, x, positions, rope, layer: int, cache):
+    b, t, _ = x.shape
+    cfg = self.cfg
+    q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)  # [B, T, Hq, D]
+    k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, Hkv, D]
+    v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, Hkv, D]
+    if cache is None:
+      out = attention.self_attention(q, k, v, positions, rope)
+    else:
+      out, cache = cache.attend(layer, q, k, v, positions, rope)
+    out = out.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(x.dtype)
+    return self.o_proj(out), cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+    self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
+    self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
+    self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, dtype, rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.self_attn = Attention(cfg, dtype, rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.mlp = MLP(cfg, dtype, rngs)
+
+  def __call__(self, x, positions, rope, layer, cache):
+    h, cache = self.self_attn(self.input_layernorm(x), positions, rope, layer, cache)
+    x = x + h
+    return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class Llama(nnx.Module):
+  """Decoder-only Llama-style language model (see the module docstring)."""
+
+  def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    self.config = config
+    self.dtype = dtype
+    self.embed_tokens = nnx.Embed(
+        config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)])
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+    if not config.tie_word_embeddings:
+      self.lm_head = _linear(config.hidden_size, config.vocab_size, dtype, rngs)
+
+  def hidden_states(self, tokens, positions=None, cache=None):
+    """Final normed hidden states ``[B, T, H]`` and the updated cache."""
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    rope = self.config.make_rope()
+    x = self.embed_tokens(jnp.maximum(tokens, 0))  # [B, T, H]
+    for i, layer in enumerate(self.layers):
+      x, cache = layer(x, positions, rope, i, cache)
+    return self.norm(x), cache
+
+  def logits_from_hidden(self, x):
+    """``[..., H]`` -> float32 logits ``[..., vocab]``."""
+    if self.config.tie_word_embeddings:
+      w = self.embed_tokens.embedding[...]  # [V, H]
+      return jnp.einsum("...h,vh->...v", x, w, preferred_element_type=jnp.float32)
+    return self.lm_head(x).astype(jnp.float32)
+
+  def __call__(self, tokens, positions=None, cache=None, *, last_only: bool = False):
+    """``tokens [B, T]`` -> ``(logits [B, T, V] or [B, V] if last_only, cache)``.
+
+    ``last_only`` keeps the logits of each row's last real token (positions >= 0), which is
+    all generation needs and saves a ``[B, T, vocab]`` array on long prompts.
+    """
+    x, cache = self.hidden_states(tokens, positions, cache)
+    if last_only:
+      b, t = tokens.shape
+      if positions is None:
+        last = jnp.full((b,), t - 1)
+      else:
+        last = jnp.maximum(jnp.sum(positions >= 0, axis=1) - 1, 0)
+      x = x[jnp.arange(b), last]  # [B, H]
+    return self.logits_from_hidden(x), cache

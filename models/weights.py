@@ -40,7 +40,7 @@ def model_from_hf_state(config: LlamaConfig, state: Mapping[str, np.ndarray],
   graphdef, abstract_state = nnx.split(abstract)
   flat = []
   missing = []
-  for path, var in abstract_state.flat_state():
+  for path, var in nnx.to_flat_state(abstract_state):
     name, transpose = _hf_name(path)
     if name not in state:
       missing.append(name)
@@ -57,14 +57,14 @@ def model_from_hf_state(config: LlamaConfig, state: Mapping[str, np.ndarray],
   if missing:
     raise ValueError(
         f"Checkpoint is missing {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}.")
-  return nnx.merge(graphdef, nnx.State.from_flat_path(flat))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def hf_state_from_model(model: Llama) -> dict[str, np.ndarray]:
   """Inverse of :func:`model_from_hf_state` (float32 numpy, PyTorch layout)."""
   _, state = nnx.split(model)
   out = {}
-  for path, var in state.flat_state():
+  for path, var in nnx.to_flat_state(state):
     name, transpose = _hf_name(path)
     arr = np.asarray(var.get_value(), dtype=np.float32)
     out[name] = arr.T if transpose else arr

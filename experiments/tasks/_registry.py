@@ -30,7 +30,9 @@ def make_task(name: str, tokenizer, length: int, seed: int, index: int,
     length: prompt length in tokens.
     seed: run seed; (name, seed, index) determines the sample.
     index: sample index.
-    **options: passed to the generator (`depth=` for passkey and niah_single,
+    **options: passed to the generator (`chat=True` wraps passkey, needle and variable
+      tracking prompts in the chat template (default: plain completion, which the 135M model
+      answers far more reliably); `depth=` for passkey and niah_single,
       `longbench_dir=` for LongBench).
   """
   if name.startswith(LONGBENCH_PREFIX):

@@ -162,7 +162,8 @@ def assemble(tokenizer, *, task: str, length: int, filler: Filler, needles: list
              rng: random.Random, instruction: str, question: str, answer_prefix: str,
              chat: bool = True) -> Assembled:
   """Builds a prompt of exactly `length` tokens; see the module docstring for the layout."""
-  head, tail = chat_frame(tokenizer) if chat else ([], [])
+  # Without the chat frame the answer prefix starts its own line, as in plain completion.
+  head, tail = chat_frame(tokenizer) if chat else ([], encode(tokenizer, '\n'))
   before = head + encode(tokenizer, instruction + '\n')
   after = encode(tokenizer, '\n' + question) + tail + encode(tokenizer, answer_prefix)
   needle_ids = [encode(tokenizer, ' ' + n.text) for n in needles]

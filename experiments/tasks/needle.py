@@ -54,7 +54,7 @@ def _join(keys: list[str]) -> str:
 
 
 def make_needle(variant: str, tokenizer, length: int, seed: int, index: int,
-                depth: float | None = None) -> _sample.Sample:
+                depth: float | None = None, chat: bool = False) -> _sample.Sample:
   """A RULER needle sample; `depth` (0..1) fixes the needle of niah_single, else drawn."""
   if variant not in VARIANTS:
     raise ValueError(f'Unknown needle task {variant!r}; allowed: {VARIANTS}.')
@@ -87,7 +87,7 @@ def make_needle(variant: str, tokenizer, length: int, seed: int, index: int,
   built = _tokens.assemble(
       tokenizer, task=variant, length=length, filler=_tokens.essay_filler(tokenizer),
       needles=needles, rng=rng, instruction=INSTRUCTION, question=question,
-      answer_prefix=prefix)
+      answer_prefix=prefix, chat=chat)
   return _sample.Sample(
       task=variant, index=index, seed=seed, length=length, prompt_tokens=built.prompt_tokens,
       answer=answer, metric=metric, needle_spans=built.needle_spans,

@@ -15,7 +15,7 @@ ANSWER_PREFIX = 'The pass key is'
 
 
 def make_passkey(tokenizer, length: int, seed: int, index: int,
-                 depth: float | None = None) -> _sample.Sample:
+                 depth: float | None = None, chat: bool = False) -> _sample.Sample:
   """A passkey sample; `depth` (0..1) fixes the needle position, else it is drawn."""
   rng = random.Random(f'passkey/{seed}/{index}')
   key = str(rng.randint(10000, 99999))
@@ -25,7 +25,7 @@ def make_passkey(tokenizer, length: int, seed: int, index: int,
   built = _tokens.assemble(
       tokenizer, task='passkey', length=length, filler=_tokens.noise_filler(tokenizer),
       needles=[needle], rng=rng, instruction=INSTRUCTION, question=QUESTION,
-      answer_prefix=ANSWER_PREFIX)
+      answer_prefix=ANSWER_PREFIX, chat=chat)
   return _sample.Sample(
       task='passkey', index=index, seed=seed, length=length,
       prompt_tokens=built.prompt_tokens, answer=key, metric='substring',

@@ -16,7 +16,8 @@ NUM_HOPS = 4  # assignments after the first; NUM_HOPS + 1 variables hold the val
 INSTRUCTION = 'Memorize and track the chain(s) of variable assignment hidden in the following text.'
 
 
-def make_variable_tracking(tokenizer, length: int, seed: int, index: int) -> _sample.Sample:
+def make_variable_tracking(tokenizer, length: int, seed: int, index: int,
+                           chat: bool = False) -> _sample.Sample:
   rng = random.Random(f'variable_tracking/{seed}/{index}')
   value = str(rng.randint(10000, 99999))
   names = []
@@ -33,7 +34,7 @@ def make_variable_tracking(tokenizer, length: int, seed: int, index: int) -> _sa
             f'{len(names)} variables are assigned the value {value}, they are:')
   built = _tokens.assemble(
       tokenizer, task='variable_tracking', length=length, filler=_tokens.noise_filler(tokenizer),
-      needles=needles, rng=rng, instruction=INSTRUCTION, question=question, answer_prefix=prefix)
+      needles=needles, rng=rng, instruction=INSTRUCTION, question=question, answer_prefix=prefix, chat=chat)
   return _sample.Sample(
       task='variable_tracking', index=index, seed=seed, length=length,
       prompt_tokens=built.prompt_tokens, answer=names, metric='all',

@@ -8,8 +8,10 @@ import random
 from experiments.tasks import _sample
 from experiments.tasks import _tokens
 
-INSTRUCTION = ('There is an important info hidden inside a lot of irrelevant text. Find it and '
-               'memorize it. I will quiz you about the important information there.')
+# The original wording ("an important info ... I will quiz you") loses the 135M model at 2k
+# tokens (0/3 in our check); naming the pass key in the instruction brings it to 3/3.
+INSTRUCTION = ('There is an important pass key hidden inside a lot of irrelevant text. '
+               'Find it and memorize it.')
 QUESTION = 'What is the pass key?'
 ANSWER_PREFIX = 'The pass key is'
 

@@ -78,16 +78,19 @@ def position_mask(q_pos_rows, k_pos):
   return (k >= 0) & (k <= q) & (q >= 0)
 
 
-def causal_attention(q, k, v, positions, *, block_size: int = 256):
-  """Causal self-attention of a chunk over itself, blocked along queries.
+def causal_attention(q, k, v, positions, *, block_size: int = 256, key_block: int = 512):
+  """Causal self-attention of a chunk over itself, tiled flash-style.
 
-  Query block ``[i, i + block)`` only reads keys ``[0, i + block)``: with tokens laid out in
-  position order this skips the upper triangle (about half the work at long lengths).
+  Query block ``[i, i + block_size)`` only reads keys ``[0, i + block_size)`` (skipping the
+  upper triangle), in tiles of ``key_block`` keys merged by log-sum-exp, so the logits of one
+  tile stay in cache instead of a ``[rows, T]`` array going through memory (2.4x faster than
+  one block of all keys on a 2-core CPU at 2048 tokens). Tiles wholly before the query block
+  need no causal mask: real tokens of a chunk are in position order (a right-padded prefix).
 
   Args:
     q: ``[B, T, Hq, D]`` rotated queries.
     k, v: ``[B, T, Hkv, D]`` rotated keys / values.
-    positions: ``[B, T]`` int32, ``-1`` for padding.
+    positions: ``[B, T]`` int32, increasing along real tokens, ``-1`` for padding.
 
   Returns:
     ``(o, m, l)`` with ``o [B, Hkv, T * G, D]`` (see :func:`partial_attention`).
@@ -103,8 +106,17 @@ def causal_attention(q, k, v, positions, *, block_size: int = 256):
   for start in range(0, t, block_size):
     stop = min(start + block_size, t)
     rows = slice(start * group, stop * group)
-    mask = position_mask(q_pos_rows[:, rows], positions[:, :stop])
-    outs.append(partial_attention(q_rows[:, :, rows], kt[:, :, :stop], vt[:, :, :stop], mask))
+    q_valid = (q_pos_rows[:, None, rows, None] >= 0)  # [B, 1, R, 1]
+    parts = []
+    for k_start in range(0, stop, key_block):
+      k_stop = min(k_start + key_block, stop)
+      if k_stop <= start:  # every real key here precedes every query of the block
+        mask = q_valid & (positions[:, None, None, k_start:k_stop] >= 0)
+      else:
+        mask = position_mask(q_pos_rows[:, rows], positions[:, k_start:k_stop])
+      parts.append(partial_attention(
+          q_rows[:, :, rows], kt[:, :, k_start:k_stop], vt[:, :, k_start:k_stop], mask))
+    outs.append(merge_partials(parts))
   return tuple(jnp.concatenate(x, axis=2) for x in zip(*outs))
 
 

@@ -1,0 +1,54 @@
+"""Static-shape primitives on a layer's slot pool ``[B, S, ...]`` (see ``paged_cache``).
+
+Per-head views are index arrays ``[B, Hkv, N]`` into the pool; writes at index ``S`` (one past
+the end) are dropped, which is how padding tokens and empty slots are skipped without shapes
+that depend on data.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def round_up(x, multiple: int):
+  """Smallest multiple of ``multiple`` that is >= ``x`` (ints or int arrays)."""
+  return (x + multiple - 1) // multiple * multiple
+
+
+def region_starts(lengths, chunk_size: int, page_size: int):
+  """Page-aligned first slot ``[B, Hkv]`` of each head when packed for ``lengths [B, Hkv]``.
+
+  Head ``h`` gets ``round_up(length + chunk_size, page_size)`` slots: its tokens plus one chunk.
+  """
+  need = round_up(lengths + chunk_size, page_size)  # [B, Hkv]
+  return jnp.cumsum(need, axis=1, dtype=jnp.int32) - need
+
+
+def gather(pool, idx):
+  """``pool [B, S, ...]``, ``idx [B, Hkv, N]`` (in range) -> ``[B, Hkv, N, ...]``."""
+  b, h, n = idx.shape
+  flat = idx.reshape((b, h * n) + (1,) * (pool.ndim - 2))
+  out = jnp.take_along_axis(pool, flat, axis=1)
+  return out.reshape((b, h, n) + pool.shape[2:])
+
+
+def scatter(pool, idx, values):
+  """Writes ``values [B, Hkv, N, ...]`` at ``idx [B, Hkv, N]``; indices >= S are dropped."""
+  rows = jnp.arange(pool.shape[0])[:, None, None]
+  return pool.at[rows, idx].set(values.astype(pool.dtype), mode="drop")
+
+
+def rotate(rope, x, pos):
+  """RoPE of ``x [..., D]`` by ``pos [...]`` for any leading shape (HF rotate_half layout).
+
+  ``RoPE.apply`` takes one position per token; the cache needs one per (token, KV head) in
+  ``cache_relative`` mode, where a token's slot differs between heads.
+  """
+  cos, sin = rope.cos_sin(pos)  # [..., D]
+  xf = x.astype(jnp.float32)
+  half = xf.shape[-1] // 2
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+__all__ = ["round_up", "region_starts", "gather", "scatter", "rotate"]

@@ -1,0 +1,439 @@
+"""The paged compressed cache: exactness vs dense attention, eviction invariants, bytes, errors.
+
+A tiny random "attention stack" (independent random q/k/v per layer) stands in for a model, so
+each layer's output can be checked against dense causal attention computed in numpy.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from headkv_jax import policies
+from headkv_jax import rope as rope_lib
+from headkv_jax.paged_cache import PagedKVCache
+from tests.test_policies import ref_keep
+
+D = 8
+ROPE = rope_lib.RoPE(inv_freq=jnp.asarray(rope_lib.rope_inv_freq(D, 10000.0)))
+DRIVES = ("one_shot", "chunked", "decode")
+MODES = ("original", "cache_relative")
+
+
+def random_stack(seed, layers, batch, t, hq, hkv):
+  rng = np.random.default_rng(seed)
+  def arr(h):
+    return jnp.asarray(rng.normal(size=(batch, t, h, D)), jnp.float32)
+  return [(arr(hq), arr(hkv), arr(hkv)) for _ in range(layers)]
+
+
+def dense_reference(q, k, v, positions, with_probs=False):
+  """Causal GQA attention in numpy: ``[B, T, Hq, D]`` (padding rows zero) [and ``[B, Hq, T, T]``
+  probabilities]."""
+  q = np.asarray(ROPE.apply(q, positions), np.float64)
+  k = np.asarray(ROPE.apply(k, positions), np.float64)
+  v, pos = np.asarray(v, np.float64), np.asarray(positions)
+  b_size, t, hq, _ = q.shape
+  group = hq // k.shape[2]
+  out = np.zeros(q.shape)
+  probs = np.zeros((b_size, hq, t, t))
+  for b in range(b_size):
+    for h in range(hq):
+      logits = q[b, :, h] @ k[b, :, h // group].T / np.sqrt(D)  # [T, T]
+      mask = (pos[b][None, :] >= 0) & (pos[b][None, :] <= pos[b][:, None])
+      logits = np.where(mask, logits, -np.inf)
+      for i in np.flatnonzero(pos[b] >= 0):
+        p = np.exp(logits[i] - logits[i].max())
+        probs[b, h, i] = p / p.sum()
+        out[b, i, h] = probs[b, h, i] @ v[b, :, h // group]
+  return (out, probs) if with_probs else out
+
+
+def spans(drive, t, chunk, prefill):
+  if drive == "one_shot":
+    return [(0, t)]
+  if drive == "chunked":
+    return [(s, min(s + chunk, t)) for s in range(0, t, chunk)]
+  return [(0, prefill)] + [(s, s + 1) for s in range(prefill, t)]
+
+
+def run_stack(cache, stack, positions, span_list, oracle=None, on_compress=None):
+  """Feeds the stack span by span, compressing after each; returns per-layer outputs."""
+  outs = [[] for _ in stack]
+  for s, e in span_list:
+    for layer, (q, k, v) in enumerate(stack):
+      o, cache = cache.attend(layer, q[:, s:e], k[:, s:e], v[:, s:e], positions[:, s:e], ROPE)
+      outs[layer].append(o)
+    if on_compress is not None:
+      on_compress(cache)
+    cache = cache.compress(oracle)
+  return [jnp.concatenate(o, axis=1) for o in outs], cache
+
+
+@jax.jit
+def jit_step(cache, qkv, positions, rope):
+  """One model-like step: every layer attends (``qkv`` per layer), then the cache compresses."""
+  outs = []
+  for layer, (q, k, v) in enumerate(qkv):
+    o, cache = cache.attend(layer, q, k, v, positions, rope)
+    outs.append(o)
+  return outs, cache.compress()
+
+
+def make_oracle(seed, layers, batch, hq, t):
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.random((batch, hq, t)), jnp.float32) for _ in range(layers)]
+
+
+@pytest.mark.parametrize("name", policies.POLICY_NAMES)
+def test_matches_dense_when_budgets_cover_the_sequence(name):
+  layers, batch, t, hq, hkv = 2, 2, 12, 6, 3
+  stack = random_stack(0, layers, batch, t, hq, hkv)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+  budgets = np.array([[16, 16, 16], [20, 12, 13]])  # uniform and ragged layers, all >= t
+  oracle = make_oracle(1, layers, batch, hq, t)
+  refs = [dense_reference(q, k, v, positions) for q, k, v in stack]
+  for mode in MODES:
+    policy = policies.make_policy(name, window=4, position_mode=mode)
+    for drive in DRIVES:
+      # One chunk_size for all drives (fewer shapes to compile); chunks of 4, prefill of 4.
+      cache = PagedKVCache.create(layers, batch, hkv, D, budgets, policy, chunk_size=t,
+                                  dtype=jnp.float32, page_size=4)
+      outs, cache = run_stack(cache, stack, positions, spans(drive, t, 4, 4), oracle)
+      for out, ref in zip(outs, refs):
+        np.testing.assert_allclose(out, ref, atol=1e-5, err_msg=f"{mode} {drive}")
+      np.testing.assert_array_equal(cache.logical_tokens, t)
+      for layer in range(layers):  # slots == positions: nothing was evicted or reordered
+        _, _, pos, _, _ = cache.view(layer)
+        np.testing.assert_array_equal(pos[..., :t], np.broadcast_to(np.arange(t), (batch, hkv, t)))
+
+
+def reference_choices(pre, oracle):
+  """Per layer: (positions ``[B, Hkv, C]``, numpy reference keep mask) of a cache about to
+  compress."""
+  out = []
+  for layer in range(len(pre.layers)):
+    _, _, pos, scores, _ = pre.view(layer)
+    if oracle is not None:  # answer attention by position, GQA group mean, at each slot
+      b, hkv = pos.shape[:2]
+      by_pos = np.asarray(oracle[layer]).reshape(b, hkv, -1, oracle[layer].shape[-1]).mean(2)
+      scores = np.take_along_axis(by_pos, np.clip(np.asarray(pos), 0, None), axis=2)
+    keep = ref_keep(pre.policy, scores, pre.layers[layer].lengths, pre.budgets[layer])
+    out.append((np.asarray(pos), keep))
+  return out
+
+
+EVICTING = [
+    policies.make_policy("streamingllm", n_sink=2),
+    policies.make_policy("streamingllm", n_sink=2, position_mode="cache_relative"),
+    policies.make_policy("h2o", n_sink=1),
+    policies.make_policy("h2o", gqa_reduce="max", position_mode="cache_relative"),
+    policies.make_policy("snapkv", window=3, pool_kernel=3),
+    policies.make_policy("pyramidkv", window=2, pool_kernel=5, gqa_reduce="max"),
+    policies.make_policy("headaware", window=3, n_sink=1),
+    policies.make_policy("adakv", window=2, pool_kernel=3),
+    policies.make_policy("oracle", window=2),
+]
+
+
+@pytest.mark.parametrize("policy", EVICTING, ids=lambda p: f"{p.name}-{p.position_mode}")
+def test_eviction_invariants_and_reference_choice(policy):
+  layers, batch, t, hq, hkv, chunk = 2, 2, 26, 6, 3, 5
+  stack = random_stack(2, layers, batch, t, hq, hkv)
+  lengths = np.array([t, 19])  # a ragged batch: row 1 is right padded
+  positions = np.where(np.arange(t) < lengths[:, None], np.arange(t), -1).astype(np.int32)
+  budgets = np.array([[8, 8, 8], [12, 8, 7]])  # a uniform and a ragged layer
+  oracle = make_oracle(3, layers, batch, hq, t) if policy.name == "oracle" else None
+  cache = PagedKVCache.create(layers, batch, hkv, D, budgets, policy, chunk_size=chunk,
+                              dtype=jnp.float32, page_size=4)
+  span_list = spans("chunked", 20, chunk, 0) + spans("decode", t, chunk, 20)[1:]
+  checks, posts = [], []
+
+  def record(pre):
+    checks.extend(reference_choices(pre, oracle))
+    posts.append(pre.compress(oracle))
+
+  run_stack(cache, stack, jnp.asarray(positions), span_list, oracle, on_compress=record)
+  assert len(checks) == layers * len(span_list)
+  for i, post in enumerate(posts):
+    for layer in range(layers):
+      pre_pos, keep = checks[i * layers + layer]
+      lc = post.layers[layer]
+      _, _, pos, _, _ = post.view(layer)
+      pos, n = np.asarray(pos), np.asarray(lc.lengths)
+      row_budgets = np.array(budgets[layer])
+      if policy.adaptive:
+        assert (n.sum(-1) <= row_budgets.sum()).all()
+      else:
+        assert (n <= row_budgets).all()
+      offsets = np.asarray(lc.offsets)
+      assert (offsets % post.page_size == 0).all()
+      assert (offsets[:, :-1] + n[:, :-1] <= offsets[:, 1:]).all()  # regions never overlap
+      assert post.nbytes == cache.nbytes  # memory does not grow with the sequence
+      assert not np.asarray(lc.dropped).any()
+      for b in range(batch):
+        for h in range(hkv):
+          kept = pos[b, h, : n[b, h]]
+          assert (np.diff(kept) > 0).all()  # position order, no position twice
+          np.testing.assert_array_equal(kept, pre_pos[b, h][keep[b, h]])
+          held = pre_pos[b, h][pre_pos[b, h] >= 0]
+          recent = policies.recent_counts(post.policy, row_budgets)[h]
+          must = set(held[: policy.n_sink]) | set(held[len(held) - recent:])
+          assert must <= set(kept.tolist())
+          assert (pos[b, h, n[b, h]:] == -1).all()
+
+
+@pytest.mark.parametrize("policy", [
+    policies.make_policy("snapkv", window=3),
+    policies.make_policy("h2o", position_mode="cache_relative"),
+], ids=lambda p: f"{p.name}-{p.position_mode}")
+def test_ragged_batch_rows_equal_running_alone(policy):
+  layers, t, hq, hkv, chunk = 2, 20, 4, 2, 5
+  lengths = [20, 11]
+  stack = random_stack(4, layers, 2, t + 3, hq, hkv)
+  prompt_pos = np.where(np.arange(t) < np.array(lengths)[:, None], np.arange(t), -1)
+  budgets = np.array([[8, 10], [9, 7]])
+
+  def run(rows):
+    rows = np.array(rows)
+    cache = PagedKVCache.create(layers, len(rows), hkv, D, budgets, policy, chunk_size=chunk,
+                                dtype=jnp.float32, page_size=4)
+    outs = [[] for _ in range(layers)]
+    # Chunked prefill, then decode where each row continues at its own position.
+    pos = [prompt_pos[rows, s:s + chunk] for s in range(0, t, chunk)]
+    pos += [np.array(lengths)[rows][:, None] + step for step in range(3)]
+    starts = list(range(0, t, chunk)) + list(range(t, t + 3))
+    for s, p in zip(starts, pos):
+      qkv = [(q[rows, s:s + p.shape[1]], k[rows, s:s + p.shape[1]], v[rows, s:s + p.shape[1]])
+             for q, k, v in stack]
+      o, cache = jit_step(cache, qkv, jnp.asarray(p, jnp.int32), ROPE)
+      for layer in range(layers):
+        outs[layer].append(o[layer])
+    return [jnp.concatenate(o, axis=1) for o in outs], cache
+
+  both, cache2 = run([0, 1])
+  for row in (0, 1):
+    alone, cache1 = run([row])
+    valid = np.r_[np.arange(t) < lengths[row], [True] * 3]
+    for layer in range(layers):
+      np.testing.assert_allclose(both[layer][row][valid], alone[layer][0][valid], atol=1e-5)
+      _, _, p2, _, _ = cache2.view(layer)
+      _, _, p1, _, _ = cache1.view(layer)
+      np.testing.assert_array_equal(p2[row], p1[0])
+
+
+def test_gqa_stores_kv_heads_only():
+  layers, batch, t, hq, hkv = 1, 1, 10, 9, 3
+  stack = random_stack(5, layers, batch, t, hq, hkv)
+  positions = jnp.arange(t, dtype=jnp.int32)[None]
+  cache = PagedKVCache.create(layers, batch, hkv, D, 16, "h2o", chunk_size=t,
+                              dtype=jnp.float32, page_size=4)
+  slots = cache.layers[0].k.shape[1]
+  # Three KV heads' budgets + one chunk each, page rounded; nothing per query head.
+  assert slots == 3 * 28 < 9 * 16
+  assert cache.layers[0].k.shape == (batch, slots, D)
+  outs, cache = run_stack(cache, stack, positions, [(0, t)])
+  np.testing.assert_allclose(outs[0], dense_reference(*stack[0], positions), atol=1e-5)
+  assert cache.logical_tokens.shape == (layers, batch, hkv)
+
+
+def test_nbytes_follow_budgets():
+  layers, batch, hkv, chunk, page = 3, 2, 4, 8, 16
+  budgets = np.array([[64, 128, 32, 256], [96, 96, 96, 96], [512, 16, 16, 32]])
+  bytes_per_token = 2 * D * 2 + 4 + 4  # bf16 K and V, int32 position, float32 score
+  def nbytes(b):
+    return PagedKVCache.create(layers, batch, hkv, D, b, "h2o", chunk_size=chunk,
+                               page_size=page).nbytes
+  full = nbytes(budgets)
+  tokens = batch * budgets.sum()
+  slack = batch * layers * hkv * ((chunk + page) * bytes_per_token + 12)  # + per-head ints
+  assert tokens * bytes_per_token <= full <= tokens * bytes_per_token + slack
+  assert abs(nbytes(budgets // 2) - full / 2) <= slack
+  f32 = PagedKVCache.create(layers, batch, hkv, D, budgets, "h2o", chunk_size=chunk,
+                            page_size=page, dtype=jnp.float32).nbytes
+  assert f32 > full  # the K/V dtype is what is stored
+
+
+def test_page_table_covers_each_head_region():
+  cache = PagedKVCache.create(1, 2, 3, D, np.array([[8, 20, 12]]), "h2o", chunk_size=4,
+                              dtype=jnp.float32, page_size=4)
+  table = np.asarray(cache.page_table(0))
+  assert table[0, 0].tolist()[:3] == [0, 1, 2] and table[0, 0, 3] == -1
+  assert table[0, 1, 0] == 3 and (table[0, 1][table[0, 1] >= 0] < 9).all()
+
+
+def test_jit_decode_matches_eager():
+  layers, batch, t, hq, hkv = 2, 2, 14, 4, 2
+  stack = random_stack(6, layers, batch, t, hq, hkv)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+  policy = policies.make_policy("h2o", n_sink=1)
+  cache = PagedKVCache.create(layers, batch, hkv, D, 6, policy, chunk_size=8,
+                              dtype=jnp.float32, page_size=4)
+
+  step = jax.jit(lambda *args: jit_step.__wrapped__(*args))  # its own compilations to count
+  eager_outs, eager_cache = run_stack(cache, stack, positions, spans("decode", t, 8, 8))
+  jit_outs = [[] for _ in stack]
+  for s, e in spans("decode", t, 8, 8):
+    outs, cache = step(cache, [(q[:, s:e], k[:, s:e], v[:, s:e]) for q, k, v in stack],
+                       positions[:, s:e], ROPE)
+    for layer, o in enumerate(outs):
+      jit_outs[layer].append(o)
+  assert step._cache_size() == 2  # one prefill shape, one decode shape
+  for layer in range(layers):
+    np.testing.assert_allclose(jnp.concatenate(jit_outs[layer], 1), eager_outs[layer], atol=1e-5)
+    np.testing.assert_array_equal(cache.view(layer)[2], eager_cache.view(layer)[2])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"budgets": 6, "policy": policies.make_policy("snapkv", window=4, n_sink=4)},
+     r"Budget 6 at \(layer, kv_head\)=\(0, 0\) must be >= n_sink \+ window = 8"),
+    ({"budgets": 0}, r"Budget 0 .* must be positive"),
+    ({"budgets": np.array([[8, -1, 8], [8, 8, 8]])}, r"Budget -1 at \(layer, kv_head\)=\(0, 1\)"),
+    ({"policy": "lru"}, "Unknown policy 'lru'; allowed: full, streamingllm, h2o"),
+    ({"budgets": np.full((3, 2), 8)},
+     r"budgets must have shape \[layers, kv_heads\] = \[2, 3\], got \[3, 2\]"),
+    ({"chunk_size": 0}, "chunk_size must be positive, got 0"),
+    ({"page_size": -4}, "page_size must be positive, got -4"),
+    ({"bits": np.full((2, 3), 4)}, r"Unsupported bits \[4\]; supported now: \[16\]"),
+])
+def test_create_errors(kwargs, match):
+  args = {"budgets": 8, "policy": "h2o", "chunk_size": 4} | kwargs
+  with pytest.raises(ValueError, match=match):
+    PagedKVCache.create(2, 1, 3, D, args.pop("budgets"), args.pop("policy"), **args)
+
+
+def test_attend_errors():
+  cache = PagedKVCache.create(1, 1, 3, D, 8, "h2o", chunk_size=4, dtype=jnp.float32)
+  (q, k, v), = random_stack(7, 1, 1, 5, 6, 3)
+  pos = jnp.arange(5, dtype=jnp.int32)[None]
+  with pytest.raises(ValueError, match="5 new tokens exceed chunk_size=4"):
+    cache.attend(0, q, k, v, pos, ROPE)
+  with pytest.raises(ValueError, match="Got 5 and 3"):
+    cache.attend(0, q[:, :4, :5], k[:, :4], v[:, :4], pos[:, :4], ROPE)
+  with pytest.raises(ValueError, match="needs oracle_scores"):
+    PagedKVCache.create(1, 1, 3, D, 8, "oracle", chunk_size=4).compress()
+
+
+@pytest.mark.parametrize("policy", [
+    policies.make_policy("snapkv", window=4),
+    policies.make_policy("streamingllm", position_mode="cache_relative"),
+], ids=lambda p: f"{p.name}-{p.position_mode}")
+def test_llama_with_paged_cache_equals_no_cache(policy):
+  from flax import nnx
+
+  from models.config import LlamaConfig
+  from models.llama import Llama
+  from models.runner import ModelRunner
+
+  cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=2,
+                    num_heads=6, num_kv_heads=2, head_dim=8)
+  model = Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  t, prefill = 20, 16
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, t)))
+  full, _ = model(tokens)
+  cache = PagedKVCache.create(cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim,
+                              np.array([[20, 24], [32, 20]]), policy, chunk_size=8,
+                              dtype=jnp.float32, page_size=4)
+  runner, compress = ModelRunner(model), jax.jit(lambda c: c.compress())
+  outs = []
+  for s, e in spans("chunked", prefill, 8, 0) + spans("decode", t, 8, prefill)[1:]:
+    pos = jnp.broadcast_to(jnp.arange(s, e, dtype=jnp.int32), (2, e - s))
+    logits, cache = runner.forward(tokens[:, s:e], pos, cache)
+    cache = compress(cache)
+    outs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-4)
+
+
+def test_paged_decode_reference_matches_attend():
+  """The kernel oracle over pages + page table == the cache's own attention (original mode)."""
+  from headkv_jax.cache_attention import paged_decode_attention_reference
+
+  layers, batch, t, hq, hkv = 1, 2, 15, 6, 3
+  stack = random_stack(8, layers, batch, t, hq, hkv)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+  cache = PagedKVCache.create(layers, batch, hkv, D, np.array([[5, 9, 7]]),
+                              policies.make_policy("h2o"), chunk_size=10, dtype=jnp.float32,
+                              page_size=4)
+  _, cache = run_stack(cache, stack, positions, [(0, 10)] + [(s, s + 1) for s in range(10, 14)])
+  q, k, v = (x[:, 14:] for x in stack[0])
+  out, cache = cache.attend(0, q, k, v, positions[:, 14:], ROPE)
+  k_pages, v_pages = cache.pages(0)
+  ref, lse = paged_decode_attention_reference(
+      ROPE.apply(q, positions[:, 14:])[:, 0], k_pages, v_pages, cache.layers[0].lengths,
+      cache.page_table(0))
+  np.testing.assert_allclose(ref, out[:, 0], atol=1e-5)
+  assert np.isfinite(np.asarray(lse)).all()
+
+
+def test_headroom_compress_amortises_decode_eviction():
+  layers, batch, t, hq, hkv, chunk = 1, 1, 20, 2, 1, 4
+  (q, k, v), = random_stack(9, layers, batch, t, hq, hkv)
+  positions = jnp.arange(t, dtype=jnp.int32)[None]
+  cache = PagedKVCache.create(layers, batch, hkv, D, 8, policies.make_policy("h2o"),
+                              chunk_size=chunk, dtype=jnp.float32, page_size=4)
+  counts = []
+  for s in range(t):
+    sl = slice(s, s + 1)
+    _, cache = cache.attend(0, q[:, sl], k[:, sl], v[:, sl], positions[:, sl], ROPE)
+    cache = cache.compress(headroom=1)
+    counts.append(int(cache.logical_tokens[0, 0, 0]))
+  # The region holds budget + chunk = 12: evict back to 8 only when it is full.
+  assert counts == list(range(1, 12)) + [8, 9, 10, 11] * 2 + [8]
+  kept = np.asarray(cache.view(0)[2][0, 0, :8])
+  assert (np.diff(kept) > 0).all() and set(range(16, 20)) <= set(kept.tolist())
+  with pytest.raises(ValueError, match="headroom must be in"):
+    cache.compress(headroom=5)
+  assert int(cache.layers[0].dropped.sum()) == 0
+  for s in range(4, 9):  # skipping compress overflows the region: counted, never silent
+    sl = slice(s, s + 1)
+    _, cache = cache.attend(0, q[:, sl], k[:, sl], v[:, sl], positions[:, sl] + 20, ROPE)
+  assert int(cache.layers[0].lengths[0, 0]) == 12 and int(cache.layers[0].dropped[0, 0]) == 1
+
+
+@pytest.mark.parametrize("name, gqa_reduce", [("h2o", "mean"), ("h2o", "max"),
+                                              ("snapkv", "mean"), ("adakv", "max")])
+def test_collected_scores_match_numpy(name, gqa_reduce):
+  """H2O accumulates every query's attention; SnapKV keeps the last window's; GQA reduced."""
+  batch, t, hq, hkv, window = 2, 12, 6, 3, 4
+  stack = random_stack(10, 1, batch, t, hq, hkv)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+  policy = policies.make_policy(name, window=window, gqa_reduce=gqa_reduce)
+  cache = PagedKVCache.create(1, batch, hkv, D, np.array([[12, 16, 12]]), policy,
+                              chunk_size=8, dtype=jnp.float32, page_size=4)
+  _, probs = dense_reference(*stack[0], positions, with_probs=True)  # [B, Hq, T, T]
+  chunks = [(0, 8), (8, 12)]
+  for s, e in chunks:
+    q, k, v = (x[:, s:e] for x in stack[0])
+    _, cache = cache.attend(0, q, k, v, positions[:, s:e], ROPE)
+  # h2o sums each call's group-reduced attention; SnapKV keeps the last call's last window.
+  calls = chunks if name == "h2o" else [(t - window, t)]
+  want = 0
+  for s, e in calls:
+    per = probs[:, :, s:e].sum(axis=2).reshape(batch, hkv, hq // hkv, t)  # [B, Hkv, G, T]
+    want = want + (per.max(axis=2) if gqa_reduce == "max" else per.mean(axis=2))
+  np.testing.assert_allclose(cache.view(0)[3][..., :t], want, atol=1e-5)
+
+
+def test_pyramidkv_int_budget_falls_with_depth():
+  cache = PagedKVCache.create(4, 1, 2, D, 64, policies.make_policy("pyramidkv", window=8),
+                              chunk_size=8)
+  per_layer = [b[0] for b in cache.budgets]
+  assert sum(per_layer) == 4 * 64 and per_layer == sorted(per_layer, reverse=True)
+  sizes = [l.k.shape[1] for l in cache.layers]
+  assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+
+
+def test_bfloat16_pages_stay_close_to_float32():
+  layers, batch, t, hq, hkv = 1, 1, 12, 4, 2
+  stack = random_stack(11, layers, batch, t, hq, hkv)
+  positions = jnp.arange(t, dtype=jnp.int32)[None]
+  outs = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    cache = PagedKVCache.create(layers, batch, hkv, D, 8, policies.make_policy("snapkv", window=2),
+                                chunk_size=6, dtype=dtype, page_size=4)
+    assert cache.layers[0].k.dtype == dtype
+    for s in (0, 6):
+      o, cache = jit_step(cache, [tuple(x[:, s:s + 6] for x in stack[0])], positions[:, s:s + 6],
+                          ROPE)
+    outs[dtype] = np.asarray(o[0], np.float32)
+  np.testing.assert_allclose(outs[jnp.bfloat16], outs[jnp.float32], atol=5e-2)

@@ -378,5 +378,41 @@ class PagedKVCache:
 
   evict = compress
 
+  def rechunk(self, chunk_size: int) -> "PagedKVCache":
+    """This cache re-packed into pools with room for ``chunk_size`` new tokens per head.
+
+    Prefill in chunks of C needs ``budget + C`` slots per head; decoding needs one. Call
+    ``cache.rechunk(1)`` (or a page, to amortise eviction with ``headroom``) after prefill so
+    the bytes held while decoding are the budgets' bytes, not the prefill chunk's. Heads are
+    compressed to their budgets first. Jit-able (all shapes follow from static fields).
+    """
+    cache = self.compress()
+    lc0 = cache.layers[0]
+    b, _, d = lc0.k.shape
+    new = PagedKVCache.create(
+        len(self.layers), b, self.num_kv_heads, d, np.asarray(self.budgets), self.policy,
+        chunk_size=chunk_size, dtype=lc0.k.dtype, page_size=self.page_size,
+        bits=np.asarray(self.bits))
+    layers = []
+    for layer in range(len(self.layers)):
+      lc, target_lc = cache.layers[layer], new.layers[layer]
+      n = new.view_len(layer)
+      kc, vc, pc, sc, _ = cache.view(layer)  # [B, Hkv, C_old, ...], heads within budget
+      kc, vc, pc, sc = kc[:, :, :n], vc[:, :, :n], pc[:, :, :n], sc[:, :, :n]
+      c = jnp.arange(n, dtype=jnp.int32)
+      kept = c[None, None, :] < lc.lengths[:, :, None]  # [B, Hkv, n]
+      offsets = target_lc.offsets
+      if self.policy.adaptive:
+        offsets = slot_pool.region_starts(lc.lengths, chunk_size, self.page_size)
+      num_slots = target_lc.k.shape[1]
+      target = jnp.where(kept, offsets[:, :, None] + c, num_slots)  # [B, Hkv, n]
+      layers.append(target_lc.replace(
+          k=slot_pool.scatter(target_lc.k, target, kc),
+          v=slot_pool.scatter(target_lc.v, target, vc),
+          positions=slot_pool.scatter(target_lc.positions, target, pc),
+          scores=slot_pool.scatter(target_lc.scores, target, sc),
+          offsets=offsets, lengths=lc.lengths, dropped=lc.dropped))
+    return new.replace(layers=tuple(layers))
+
 
 __all__ = ["LayerCache", "PagedKVCache", "SUPPORTED_BITS"]

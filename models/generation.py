@@ -83,6 +83,7 @@ def generate(
     make_cache: Callable[[int, int], object] | None = None,
     chunk_size: int | None = None,
     after_prefill_chunk: Callable[[object], object] | None = None,
+    after_prefill: Callable[[object], object] | None = None,
     after_decode_step: Callable[[object], object] | None = None,
     allow_long_context: bool = False,
 ) -> GenerationResult:
@@ -117,6 +118,9 @@ def generate(
     if after_prefill_chunk is not None:
       cache = after_prefill_chunk(cache)
 
+  if after_prefill is not None:
+    cache = after_prefill(cache)
+
   key = jax.random.PRNGKey(seed)
   out: list[list[int]] = [[] for _ in range(b)]
   done = np.zeros(b, bool)
@@ -138,6 +142,43 @@ def generate(
     key, sub = jax.random.split(key)
     next_tok = np.asarray(sampling_lib.sample(logits, sub, sampling))
   return GenerationResult(out, lengths.tolist(), cache)
+
+
+def method_hooks(spec, config, *, batch: int, prompt_len: int, max_new_tokens: int,
+                 chunk_size: int | None, dtype, profile=None) -> dict:
+  """``generate`` keyword arguments that run compression method ``spec`` (a MethodSpec).
+
+  Prefill is one shot (``chunk_size=None``) or chunked; the cache is compressed after every
+  prefill chunk, re-packed for decoding (``rechunk(1)``: decode-time bytes are the budgets'),
+  and compressed again after every decode step (h2o re-evicts each step; the others evict once
+  a head passes its budget).
+  """
+  from headkv_jax import methods
+
+  padded = _round_up(prompt_len, BUCKET)
+  chunk = padded if chunk_size is None else min(chunk_size, padded)
+
+  def make_cache(b, capacity):
+    return methods.make_cache(
+        spec, num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim, batch=b, capacity=capacity, chunk_size=chunk, dtype=dtype,
+        prompt_len=prompt_len, profile=profile)
+
+  hooks = dict(make_cache=make_cache, chunk_size=chunk_size)
+  if spec.name != "full":
+    hooks.update(after_prefill_chunk=_jit_compress, after_prefill=_jit_rechunk,
+                 after_decode_step=_jit_compress)
+  return hooks
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _jit_compress(cache):
+  return cache.compress()
+
+
+@jax.jit  # no donation: the re-packed pools have other shapes
+def _jit_rechunk(cache):
+  return cache.rechunk(1)
 
 
 def _dense_cache(num_layers, num_kv_heads, head_dim, dtype, batch, capacity):

@@ -1,0 +1,132 @@
+"""Compression methods by name: a method = an eviction policy + how budgets are allocated.
+
+This is the one place that turns what a user types (``--method=headaware --budget=128``)
+into a cache::
+
+    spec = MethodSpec("headaware", budget=128)
+    cache = make_cache(spec, num_layers=30, num_kv_heads=3, head_dim=64, batch=1,
+                       prompt_len=2000, chunk_size=2048, profile=profile)
+
+``budget`` is the seed plan's "tokens per layer": the *average* number of tokens kept per KV
+head per layer (a layer holds ``budget * kv_heads`` slots in all, however they are split).
+``full`` keeps everything in the dense cache. ``headaware`` allocates per-head budgets from a
+head profile (HeadKV: a floor per head plus a pool split by score, model-wide by default, which
+moves budget into the few layers whose heads retrieve) and selects tokens SnapKV-style inside
+each head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from headkv_jax import allocation as allocation_lib
+from headkv_jax import policies as policies_lib
+from headkv_jax.dense_cache import DenseKVCache
+from headkv_jax.paged_cache import PagedKVCache
+from headkv_jax.profile import HeadProfile
+
+METHODS = ("full",) + tuple(p for p in policies_lib.POLICY_NAMES if p != "full")
+# Methods whose per-head budgets come from a head profile.
+PROFILE_METHODS = ("headaware",)
+ALLOCATIONS = allocation_lib.METHODS
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """A compression method and its knobs.
+
+  Attributes:
+    name: one of :data:`METHODS`.
+    budget: average tokens kept per KV head per layer (ignored by ``full``).
+    allocation: how ``headaware`` splits the budget among heads (see ``allocation.METHODS``).
+    scope: ``"model"`` (budget moves across layers) or ``"layer"`` (each layer sums exactly).
+    score_name: the profile score ``headkv`` allocation follows.
+    pool_fraction: share of the budget ``headkv`` allocation hands out by score.
+    window: SnapKV observation / recent window (policy default when None).
+    n_sink: sink tokens (policy default when None).
+    pool_kernel: SnapKV max-pool kernel.
+    gqa_reduce: "mean" or "max" over a GQA group.
+    position_mode: "original" or "cache_relative".
+  """
+
+  name: str
+  budget: int = 0
+  allocation: str = "headkv"
+  scope: str = "model"
+  score_name: str = "retrieval_reasoning"
+  pool_fraction: float = allocation_lib.HEADKV_POOL_FRACTION
+  window: int | None = None
+  n_sink: int | None = None
+  pool_kernel: int = 7
+  gqa_reduce: str = "mean"
+  position_mode: str = "original"
+
+  def __post_init__(self):
+    if self.name not in METHODS:
+      raise ValueError(f"Unknown method {self.name!r}; allowed: {', '.join(METHODS)}.")
+    if self.name != "full" and int(self.budget) <= 0:
+      raise ValueError(f"Method {self.name!r} needs a budget > 0, got {self.budget}.")
+    if self.allocation not in ALLOCATIONS:
+      raise ValueError(
+          f"Unknown allocation {self.allocation!r}; allowed: {', '.join(ALLOCATIONS)}.")
+
+  def policy(self) -> policies_lib.Policy:
+    overrides = dict(pool_kernel=self.pool_kernel, gqa_reduce=self.gqa_reduce,
+                     position_mode=self.position_mode)
+    if self.window is not None:
+      overrides["window"] = self.window
+    if self.n_sink is not None:
+      overrides["n_sink"] = self.n_sink
+    return policies_lib.make_policy(self.name, **overrides)
+
+
+def method_budgets(spec: MethodSpec, num_layers: int, num_kv_heads: int, *,
+                   prompt_len: int | None = None,
+                   profile: HeadProfile | None = None) -> np.ndarray:
+  """Per-(layer, KV head) budgets ``[layers, Hkv]`` int for a compressed method."""
+  if spec.name == "full":
+    raise ValueError("Method 'full' has no budgets: it keeps every token.")
+  policy = spec.policy()
+  floor = policy.min_budget
+  if spec.budget < floor:
+    raise ValueError(
+        f"budget={spec.budget} is below the minimum {floor} of method {spec.name!r} "
+        f"(n_sink={policy.n_sink}, window={policy.window}); use budget >= {floor}.")
+  if spec.name in PROFILE_METHODS:
+    if profile is None:
+      raise ValueError(f"Method {spec.name!r} needs a head profile (see "
+                       "`python -m experiments.profile_heads`).")
+    profile.check_matches(profile.model_id, num_layers, num_kv_heads)
+    scores = profile.roles if spec.allocation == "roles" else profile
+    opts = {}
+    if spec.allocation == "headkv":
+      opts = dict(pool_fraction=spec.pool_fraction, score_name=spec.score_name)
+    return allocation_lib.allocate_budgets(
+        spec.allocation, spec.budget, num_layers, num_kv_heads, scores=scores,
+        max_len=prompt_len, scope=spec.scope, sinks=policy.n_sink, window=policy.window,
+        min_per_head=floor, **opts).astype(np.int32)
+  if spec.name == "pyramidkv":
+    return np.asarray(policies_lib.pyramid_budgets(
+        spec.budget, num_layers, num_kv_heads, min_budget=floor), np.int32)
+  return np.full((num_layers, num_kv_heads), spec.budget, np.int32)
+
+
+def make_cache(spec: MethodSpec, *, num_layers: int, num_kv_heads: int, head_dim: int,
+               batch: int, capacity: int, chunk_size: int, dtype=jnp.float32,
+               prompt_len: int | None = None, profile: HeadProfile | None = None,
+               page_size: int = 16):
+  """An empty cache for ``spec``: dense for ``full``, paged and budgeted otherwise.
+
+  ``capacity`` sizes the dense cache (prompt + new tokens); ``chunk_size`` is the most tokens
+  one model call adds (the prompt length for one-shot prefill).
+  """
+  if spec.name == "full":
+    return DenseKVCache.create(num_layers, batch, num_kv_heads, head_dim, capacity, dtype)
+  budgets = method_budgets(spec, num_layers, num_kv_heads, prompt_len=prompt_len,
+                           profile=profile)
+  return PagedKVCache.create(num_layers, batch, num_kv_heads, head_dim, budgets,
+                             spec.policy(), chunk_size=chunk_size, dtype=dtype,
+                             page_size=page_size)

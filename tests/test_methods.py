@@ -1,0 +1,103 @@
+"""Methods by name: budgets from a spec, caches the model decodes with, rechunking."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from headkv_jax import methods
+from headkv_jax.paged_cache import PagedKVCache
+from headkv_jax.profiles import load_shipped_profile
+from models.config import LlamaConfig
+from models.generation import generate, method_hooks
+from models.llama import Llama
+from models.runner import ModelRunner
+
+CFG = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_layers=3,
+                  num_heads=6, num_kv_heads=2, head_dim=8, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def runner():
+  return ModelRunner(Llama(CFG, rngs=nnx.Rngs(3)))
+
+
+def _prompts():
+  rng = np.random.RandomState(0)
+  return [list(rng.randint(4, 97, n)) for n in (150, 90)]
+
+
+def _run(runner, spec, chunk_size=None, new=8):
+  prompts = _prompts()
+  hooks = method_hooks(spec, CFG, batch=len(prompts), prompt_len=max(map(len, prompts)),
+                       max_new_tokens=new, chunk_size=chunk_size, dtype=np.float32)
+  return generate(runner, prompts, new, eos_ids=[], **hooks)
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "h2o", "snapkv", "pyramidkv", "adakv"])
+def test_budget_past_the_prompt_equals_full(runner, name):
+  """Budgets >= prompt + new tokens: every method generates what the full cache does."""
+  full = _run(runner, methods.MethodSpec("full")).tokens
+  # pyramidkv's last layers keep budget / 20: only a large average budget covers the prompt.
+  spec = methods.MethodSpec(name, budget=4096 if name == "pyramidkv" else 256)
+  assert _run(runner, spec).tokens == full
+  assert _run(runner, spec, chunk_size=64).tokens == full
+
+
+def test_small_budget_caches_hold_budget_bytes(runner):
+  """After generation a budget-64 cache holds ~64 tokens/head; bytes far below full."""
+  full = _run(runner, methods.MethodSpec("full"))
+  small = _run(runner, methods.MethodSpec("snapkv", budget=64), chunk_size=64)
+  counts = np.asarray(small.cache.token_counts())
+  assert counts.max() <= 64
+  assert small.cache.nbytes < full.cache.nbytes / 2
+
+
+def test_rechunk_keeps_tokens_and_shrinks():
+  """rechunk(1) after a chunked prefill keeps every head's tokens and frees the chunk room."""
+  rng = np.random.RandomState(1)
+  cache = PagedKVCache.create(2, 1, 2, 8, np.array([[40, 36], [32, 32]]), "snapkv",
+                              chunk_size=64)
+  rope = CFG.make_rope()
+  import jax.numpy as jnp
+  q = jnp.asarray(rng.randn(1, 64, 4, 8), jnp.float32)
+  kv = jnp.asarray(rng.randn(1, 64, 2, 8), jnp.float32)
+  pos = jnp.arange(64, dtype=jnp.int32)[None]
+  for layer in range(2):
+    _, cache = cache.attend(layer, q, kv, kv, pos, rope)
+  cache = cache.compress()
+  small = cache.rechunk(1)
+  assert small.nbytes < cache.nbytes / 2
+  for layer in range(2):
+    a, b = cache.view(layer), small.view(layer)
+    np.testing.assert_array_equal(np.asarray(cache.layers[layer].lengths),
+                                  np.asarray(small.layers[layer].lengths))
+    for x, y in zip(a[:4], b[:4]):
+      n = y.shape[2]
+      np.testing.assert_array_equal(np.asarray(x)[:, :, :n], np.asarray(y))
+
+
+def test_headaware_budgets_follow_the_profile():
+  """Model-wide headkv allocation: exact total, more budget where the profile retrieves."""
+  profile = load_shipped_profile("smollm2-135m")
+  budgets = methods.method_budgets(methods.MethodSpec("headaware", 128), 30, 3,
+                                   prompt_len=2000, profile=profile)
+  assert budgets.sum() == 128 * 30 * 3
+  top = np.unravel_index(np.argmax(profile.scores["retrieval_reasoning"]), budgets.shape)
+  assert budgets[top] == budgets.max()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(name="nope"), "Unknown method 'nope'"),
+    (dict(name="snapkv", budget=0), "needs a budget > 0, got 0"),
+    (dict(name="headaware", budget=64, allocation="magic"), "Unknown allocation 'magic'"),
+])
+def test_bad_specs_are_named(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    methods.MethodSpec(**kwargs)
+
+
+def test_budget_below_policy_minimum_is_named():
+  with pytest.raises(ValueError, match="budget=16 is below the minimum 32"):
+    methods.method_budgets(methods.MethodSpec("snapkv", 16), 2, 2)
+  with pytest.raises(ValueError, match="needs a head profile"):
+    methods.method_budgets(methods.MethodSpec("headaware", 64), 2, 2)

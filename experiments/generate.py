@@ -3,6 +3,8 @@ r"""Generate text with a Llama-family model and a KV cache.
   python -m experiments.generate --model=smollm2-135m --prompt="What is 2+2?" --max_new_tokens=32
   python -m experiments.generate --prompt_file=long.txt --json
   python -m experiments.generate --prompt="a" --prompt="bb b" --temperature=0.7 --top_p=0.9
+  python -m experiments.generate --method=snapkv --budget=256 --prompt_file=long.txt --json
+  python -m experiments.generate --method=headaware --budget=128 --chunk_size=512 ...
 
 Several ``--prompt`` flags run as one batch (prompts of different lengths are padded and
 masked). ``--chat`` wraps each prompt in the tokenizer's chat template.
@@ -15,6 +17,7 @@ import sys
 import time
 
 from absl import app, flags
+import numpy as np
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Alias, HF directory or .gguf file.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for a batch).")
@@ -27,6 +30,15 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Paramet
 _CHAT = flags.DEFINE_bool("chat", False, "Apply the tokenizer's chat template.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 _CHUNK = flags.DEFINE_integer("chunk_size", None, "Prefill chunk size (default: whole prompt).")
+_METHOD = flags.DEFINE_string(
+    "method", "full", "KV-cache method: full, streamingllm, h2o, snapkv, pyramidkv, adakv, "
+    "headaware.")
+_BUDGET = flags.DEFINE_integer("budget", 256, "Average tokens kept per KV head per layer.")
+_POSITION_MODE = flags.DEFINE_enum(
+    "position_mode", "original", ["original", "cache_relative"],
+    "cache_relative rotates keys by their cache slot (StreamingLLM past the trained context).")
+_PROFILE = flags.DEFINE_string(
+    "profile", None, "Head profile JSON for headaware (default: the shipped one for --model).")
 _ALLOW_LONG = flags.DEFINE_bool(
     "allow_long_context", False, "Allow prompts past the model's max_position_embeddings.")
 
@@ -46,13 +58,24 @@ def read_prompts() -> list[str]:
 
 def main(argv):
   del argv
-  from models.generation import generate
+  from headkv_jax import methods
+  from models.generation import generate, method_hooks
   from models.loading import load_model
   from models.runner import ModelRunner
   from models.sampling import SamplingConfig
 
   texts = read_prompts()
+  try:
+    spec = methods.MethodSpec(_METHOD.value, _BUDGET.value, position_mode=_POSITION_MODE.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   model, tokenizer = load_model(_MODEL.value, _DTYPE.value)
+  profile = None
+  if spec.name in methods.PROFILE_METHODS:
+    from headkv_jax.profile import HeadProfile
+    from headkv_jax.profiles import load_shipped_profile
+    profile = (HeadProfile.load(_PROFILE.value) if _PROFILE.value
+               else load_shipped_profile(model.config.model_id))
   prompts = []
   for text in texts:
     if _CHAT.value:
@@ -62,11 +85,17 @@ def main(argv):
     else:
       ids = tokenizer.encode(text, add_special_tokens=False)
     prompts.append(list(ids))
+  hooks = method_hooks(spec, model.config, batch=len(prompts),
+                       prompt_len=max(map(len, prompts)), max_new_tokens=_MAX_NEW.value,
+                       chunk_size=_CHUNK.value, dtype=model.dtype, profile=profile)
   start = time.perf_counter()
-  result = generate(
-      ModelRunner(model), prompts, _MAX_NEW.value,
-      sampling=SamplingConfig(_TEMPERATURE.value, _TOP_P.value), seed=_SEED.value,
-      chunk_size=_CHUNK.value, allow_long_context=_ALLOW_LONG.value)
+  try:
+    result = generate(
+        ModelRunner(model), prompts, _MAX_NEW.value,
+        sampling=SamplingConfig(_TEMPERATURE.value, _TOP_P.value), seed=_SEED.value,
+        allow_long_context=_ALLOW_LONG.value, **hooks)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   seconds = time.perf_counter() - start
   records = []
   for text, ids, new in zip(texts, prompts, result.tokens):
@@ -77,7 +106,12 @@ def main(argv):
     })
   if _JSON.value:
     out = records[0] if len(records) == 1 else {"results": records}
-    out = dict(out, cache_nbytes=int(result.cache.nbytes), seconds=round(seconds, 3))
+    counts = np.asarray(result.cache.token_counts())  # [layers, B, Hkv]
+    out = dict(out, method=spec.name, budget=spec.budget if spec.name != "full" else None,
+               cache_nbytes=int(result.cache.nbytes),
+               prefill_cache_nbytes=int(result.prefill_cache_bytes),
+               kv_tokens_per_head=counts.transpose(1, 0, 2).tolist(),
+               prefill_s=round(result.prefill_s, 3), seconds=round(seconds, 3))
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
   else:

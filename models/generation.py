@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -34,11 +35,18 @@ class GenerationResult:
     tokens: per prompt, the generated token ids (EOS included if produced).
     prompt_lengths: per prompt, its length in tokens.
     cache: the final cache (for ``nbytes`` and token counts).
+    prefill_s: prompt processing time, compression included (compile included on new shapes).
+    decode_s / decode_steps: time and count of decode steps after the first (which compiles).
+    prefill_cache_bytes: cache bytes held during prefill (before re-packing for decoding).
   """
 
   tokens: list[list[int]]
   prompt_lengths: list[int]
   cache: object
+  prefill_s: float = 0.0
+  decode_s: float = 0.0
+  decode_steps: int = 0
+  prefill_cache_bytes: int = 0
 
 
 def _round_up(n: int, m: int) -> int:
@@ -104,6 +112,7 @@ def generate(
   cache = make_cache(b, _round_up(padded + max_new_tokens, BUCKET))
 
   # Prefill, whole or in chunks; the last chunk's logits give each row's first new token.
+  t0 = time.perf_counter()
   tokens, positions = pad_batch(prompts, padded)
   chunk = padded if chunk_size is None else chunk_size
   last_logits = None
@@ -118,14 +127,20 @@ def generate(
     if after_prefill_chunk is not None:
       cache = after_prefill_chunk(cache)
 
+  prefill_cache_bytes = int(getattr(cache, "nbytes", 0))
   if after_prefill is not None:
     cache = after_prefill(cache)
+  jax.block_until_ready((last_logits, cache))
+  prefill_s = time.perf_counter() - t0
 
   key = jax.random.PRNGKey(seed)
   out: list[list[int]] = [[] for _ in range(b)]
   done = np.zeros(b, bool)
+  timing = dict(prefill_s=prefill_s, prefill_cache_bytes=prefill_cache_bytes)
   if max_new_tokens == 0:
-    return GenerationResult(out, lengths.tolist(), cache)
+    return GenerationResult(out, lengths.tolist(), cache, **timing)
+  t0 = time.perf_counter()
+  steps = 0
   key, sub = jax.random.split(key)
   next_tok = np.asarray(sampling_lib.sample(last_logits, sub, sampling))
   for step in range(max_new_tokens):
@@ -141,7 +156,13 @@ def generate(
       cache = after_decode_step(cache)
     key, sub = jax.random.split(key)
     next_tok = np.asarray(sampling_lib.sample(logits, sub, sampling))
-  return GenerationResult(out, lengths.tolist(), cache)
+    if step == 0:  # the first step compiles: time the steady state from here
+      t0 = time.perf_counter()
+    else:
+      steps += 1
+  decode_s = time.perf_counter() - t0
+  return GenerationResult(out, lengths.tolist(), cache, decode_s=decode_s, decode_steps=steps,
+                          **timing)
 
 
 def method_hooks(spec, config, *, batch: int, prompt_len: int, max_new_tokens: int,

@@ -1,0 +1,94 @@
+"""One sample, one method -> one record of metrics. Every phase is a grid of these.
+
+``evaluate_sample`` runs a generation task (passkey, needles, variable tracking, LongBench)
+through a compression method and scores the answer; ``evaluate_perplexity`` streams a long
+document through the compressed cache chunk by chunk and scores each chunk's next-token
+predictions given what the cache kept. Metrics carry their unit in the key.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import results
+from headkv_jax import methods
+from models import generation
+from models.runner import ModelRunner
+
+DEFAULT_MAX_NEW_TOKENS = 24
+
+
+def _cache_metrics(cache) -> dict:
+  counts = np.asarray(cache.token_counts())  # [layers, B, Hkv]
+  return {"cache_bytes": int(cache.nbytes), "kv_tokens_mean": float(counts.mean()),
+          "kv_tokens_max": int(counts.max())}
+
+
+def evaluate_sample(runner: ModelRunner, tokenizer, sample, spec: methods.MethodSpec, *,
+                    chunk_size: int | None, profile=None,
+                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> dict:
+  """Generates an answer for ``sample`` under ``spec``; returns accuracy, memory and timing."""
+  cfg = runner.config
+  prompt = list(sample.prompt_tokens)
+  hooks = generation.method_hooks(
+      spec, cfg, batch=1, prompt_len=len(prompt), max_new_tokens=max_new_tokens,
+      chunk_size=chunk_size, dtype=runner.model.dtype, profile=profile)
+  out = generation.generate(runner, [prompt], max_new_tokens, allow_long_context=True, **hooks)
+  text = tokenizer.decode(out.tokens[0], skip_special_tokens=True)
+  record = {
+      "accuracy": float(sample.score(text)),
+      "prompt_tokens": len(prompt),
+      "past_context": len(prompt) + max_new_tokens > cfg.max_position_embeddings,
+      "prefill_s": out.prefill_s,
+      "prefill_tok_per_s": len(prompt) / out.prefill_s if out.prefill_s else None,
+      "decode_ms_per_token": (1e3 * out.decode_s / out.decode_steps
+                              if out.decode_steps else None),
+      "prefill_cache_bytes": out.prefill_cache_bytes,
+      "peak_rss_bytes": results.peak_rss_bytes(),
+      "generated": text[:200],
+  }
+  record.update(_cache_metrics(out.cache))
+  return record
+
+
+def evaluate_perplexity(runner: ModelRunner, sample, spec: methods.MethodSpec, *,
+                        chunk_size: int, profile=None) -> dict:
+  """Perplexity of ``sample.prompt_tokens`` streamed in chunks through the method's cache.
+
+  Chunk ``i`` is scored given the (compressed) cache of chunks ``< i`` plus itself, then the
+  cache is compressed: the long-document setting of StreamingLLM / H2O evaluations.
+  """
+  cfg = runner.config
+  tokens = np.asarray(sample.prompt_tokens, np.int32)
+  n = len(tokens)
+  cache = methods.make_cache(
+      spec, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+      batch=1, capacity=generation._round_up(n, generation.BUCKET), chunk_size=chunk_size,
+      dtype=runner.model.dtype, prompt_len=n, profile=profile)
+  compress = None if spec.name == "full" else generation._jit_compress
+  nll, count = 0.0, 0
+  start_t = time.perf_counter()
+  for start in range(0, n - 1, chunk_size):
+    stop = min(start + chunk_size, n - 1)
+    chunk = np.zeros((1, chunk_size), np.int32)
+    pos = np.full((1, chunk_size), -1, np.int32)
+    chunk[0, :stop - start] = tokens[start:stop]
+    pos[0, :stop - start] = np.arange(start, stop)
+    logits, cache = runner.forward(chunk, pos, cache)
+    targets = jnp.asarray(tokens[start + 1:stop + 1])
+    logp = jax.nn.log_softmax(logits[0, :stop - start].astype(jnp.float32), axis=-1)
+    nll -= float(jnp.sum(jnp.take_along_axis(logp, targets[:, None], axis=1)))
+    count += stop - start
+    if compress is not None:
+      cache = compress(cache)
+  seconds = time.perf_counter() - start_t
+  record = {"perplexity": math.exp(nll / count), "nll_per_token": nll / count,
+            "prompt_tokens": n, "past_context": n > cfg.max_position_embeddings,
+            "prefill_s": seconds, "peak_rss_bytes": results.peak_rss_bytes()}
+  record.update(_cache_metrics(cache))
+  return record

@@ -1,0 +1,83 @@
+r"""Compressed vs full KV cache at long context: memory, prefill and decode, same machine.
+
+  python -m experiments.bench_cache                       # 20,000 tokens, snapkv@1024 vs full
+  python -m experiments.bench_cache --length=8000 --methods=full,snapkv,headaware --budget=512
+
+Each method runs in its own child process so "peak RSS" is that method's alone. The prompt is
+a passkey sample of exactly ``--length`` tokens, prefilled in chunks of ``--chunk_size``; then
+``--decode_steps`` tokens are generated. Prints one row per method and the ratios vs full.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from absl import app, flags
+
+_MODEL = flags.DEFINE_string("model", "smollm2-135m", "Alias, HF directory or .gguf file.")
+_LENGTH = flags.DEFINE_integer("length", 20000, "Prompt length in tokens.")
+_METHODS = flags.DEFINE_list("methods", ["full", "snapkv"], "Methods to compare.")
+_BUDGET = flags.DEFINE_integer("budget", 1024, "Average tokens per KV head per layer.")
+_CHUNK = flags.DEFINE_integer("chunk_size", 1024, "Prefill chunk size.")
+_STEPS = flags.DEFINE_integer("decode_steps", 32, "Decode steps (the first compiles, untimed).")
+_CHILD = flags.DEFINE_string("child", None, "Internal: run one method and print JSON.")
+
+
+def run_one(method: str) -> dict:
+  from experiments.evaluate import evaluate_sample
+  from experiments.tasks import make_task
+  from headkv_jax.methods import MethodSpec, PROFILE_METHODS
+  from models.loading import load_model
+  from models.runner import ModelRunner
+
+  model, tokenizer = load_model(_MODEL.value)
+  profile = None
+  if method in PROFILE_METHODS:
+    from headkv_jax.profiles import load_shipped_profile
+    profile = load_shipped_profile(model.config.model_id)
+  sample = make_task("passkey", tokenizer, _LENGTH.value, seed=0, index=0, depth=0.5)
+  spec = MethodSpec(method, 0 if method == "full" else _BUDGET.value)
+  record = evaluate_sample(ModelRunner(model), tokenizer, sample, spec,
+                           chunk_size=_CHUNK.value, profile=profile,
+                           max_new_tokens=_STEPS.value)
+  return dict(record, method=method)
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    print("RESULT " + json.dumps(run_one(_CHILD.value)))
+    return
+  rows = []
+  for method in _METHODS.value:
+    argv = [sys.executable, "-m", "experiments.bench_cache", f"--child={method}"] + [
+        f"--{f}={flags.FLAGS[f].serialize().split('=', 1)[1]}" for f in
+        ("model", "length", "budget", "chunk_size", "decode_steps")]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+      print(proc.stderr[-3000:], file=sys.stderr)
+      raise SystemExit(f"method {method} failed (exit {proc.returncode})")
+    rows.append(json.loads(lines[-1][len("RESULT "):]))
+  print(f"{_LENGTH.value} tokens, chunk {_CHUNK.value}, budget {_BUDGET.value}, model {_MODEL.value}")
+  head = ("method", "cache MB (decode)", "cache MB (prefill)", "peak RSS MB", "prefill s",
+          "decode ms/tok", "passkey")
+  print("| " + " | ".join(head) + " |")
+  print("|" + "---|" * len(head))
+  for r in rows:
+    print(f"| {r['method']} | {r['cache_bytes'] / 2**20:.1f} | {r['prefill_cache_bytes'] / 2**20:.1f}"
+          f" | {r['peak_rss_bytes'] / 2**20:.0f} | {r['prefill_s']:.1f} | "
+          f"{r['decode_ms_per_token']:.1f} | {r['accuracy']:.0f} |")
+  base = next((r for r in rows if r["method"] == "full"), None)
+  if base:
+    for r in rows:
+      if r is not base:
+        print(f"{r['method']} vs full: cache bytes {base['cache_bytes'] / r['cache_bytes']:.1f}x "
+              f"smaller, decode {base['decode_ms_per_token'] / r['decode_ms_per_token']:.1f}x "
+              f"faster, prefill {base['prefill_s'] / r['prefill_s']:.2f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)

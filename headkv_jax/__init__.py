@@ -1,7 +1,27 @@
-"""headkv_jax: head-aware KV-cache compression for Llama-style models in pure JAX."""
+"""headkv_jax: head-aware KV-cache compression for Llama-style models in pure JAX.
+
+The cache contract every model call uses::
+
+    out, cache = cache.attend(layer, q, k, v, positions, rope)
+
+``DenseKVCache`` keeps everything; ``PagedKVCache`` keeps per-(layer, KV head) budgets in page
+pools sized from those budgets and evicts with a policy. ``MethodSpec`` / ``make_cache`` build
+either from a method name and an average budget; head profiles and ``allocate_budgets`` give
+the per-head budgets of the head-aware method.
+"""
 
 # Rotary embeddings shared by the models and the caches.
 from headkv_jax.rope import RoPE, rope_inv_freq
-# Attention primitives and the uncompressed cache.
+# Attention primitives.
 from headkv_jax.attention import self_attention
+# Caches.
 from headkv_jax.dense_cache import DenseKVCache
+from headkv_jax.paged_cache import PagedKVCache
+# Eviction policies.
+from headkv_jax.policies import POLICY_NAMES, Policy, make_policy, pyramid_budgets
+# Methods by name (policy + budget allocation).
+from headkv_jax.methods import METHODS, MethodSpec, make_cache, method_budgets
+# Head profiling and budget allocation.
+from headkv_jax.head_scores import Role, assign_roles, reduce_to_kv_heads
+from headkv_jax.profile import HeadProfile, build_profile, plot_heatmaps
+from headkv_jax.allocation import allocate_budgets

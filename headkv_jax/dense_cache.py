@@ -71,14 +71,45 @@ class DenseKVCache:
     return jnp.stack([jnp.repeat(l.lengths[:, None], hkv, axis=1) for l in self.layers])
 
   def attend(self, layer: int, q, k, v, positions, rope):
+    """Appends the new tokens and attends over the cache; needs ``length + T <= capacity``."""
     cache = self.layers[layer]
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
+    t = q.shape[1]
     q = rope.apply(q, positions)
     k = rope.apply(k, positions)
-    # New tokens among themselves (blocked causal) ...
+    # Attention reads the cache as it was (plus the new tokens among themselves); the write
+    # only feeds the returned cache, so XLA updates the donated buffers in place.
+    out = self._attend_chunk(cache, q, k, v, positions, skip_if_empty=t > 1)
+    # The barrier orders the write after the read, which lets XLA skip defensive copies.
+    out, cache = jax.lax.optimization_barrier((out, cache))
+    new = self._append(cache, k, v, positions)
+    layers = self.layers[:layer] + (new,) + self.layers[layer + 1:]
+    return out, self.replace(layers=layers)
+
+  @staticmethod
+  def _append(cache: DenseLayerCache, k, v, positions) -> DenseLayerCache:
+    """Row b's real tokens go to slots ``[length_b, length_b + n_b)``.
+
+    One ``dynamic_update_slice`` per row writes in place (a masked scatter made XLA rewrite
+    the whole buffer every step). Padding (position -1, always after a row's real tokens)
+    lands in slots past the row's length with position -1, so it is never attended and the
+    next call overwrites it.
+    """
+    kt = k.transpose(0, 2, 1, 3).astype(cache.k.dtype)  # [B, Hkv, T, D]
+    vt = v.transpose(0, 2, 1, 3).astype(cache.v.dtype)
+    ck, cv, cp = cache.k, cache.v, cache.positions
+    for b in range(k.shape[0]):
+      start = cache.lengths[b]
+      ck = jax.lax.dynamic_update_slice(ck, kt[b:b + 1], (b, 0, start, 0))
+      cv = jax.lax.dynamic_update_slice(cv, vt[b:b + 1], (b, 0, start, 0))
+      cp = jax.lax.dynamic_update_slice(cp, positions[b:b + 1], (b, start))
+    lengths = cache.lengths + jnp.sum(positions >= 0, axis=1, dtype=jnp.int32)
+    return DenseLayerCache(k=ck, v=cv, positions=cp, lengths=lengths)
+
+  @staticmethod
+  def _attend_chunk(cache: DenseLayerCache, q, k, v, positions, skip_if_empty: bool):
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
     parts = [attention.causal_attention(q, k, v, positions)]
-    # ... and against what the cache held before this call; skipped at runtime when empty.
     q_rows = attention.fold_queries(q * (d**-0.5), hkv)  # [B, Hkv, T*G, D]
     q_pos_rows = jnp.repeat(positions, hq // hkv, axis=1)  # [B, T*G]
 
@@ -92,20 +123,9 @@ class DenseKVCache:
               jnp.full((b, hkv, rows), -1e30, jnp.float32),
               jnp.zeros((b, hkv, rows), jnp.float32))
 
-    parts.append(jax.lax.cond(jnp.any(cache.lengths > 0), old_part, no_old_part, None))
+    if skip_if_empty:  # prefill: skip the read at runtime for a prompt's first chunk
+      parts.append(jax.lax.cond(jnp.any(cache.lengths > 0), old_part, no_old_part, None))
+    else:  # decode: the read is the step's main cost anyway; a cond would copy the buffers
+      parts.append(old_part(None))
     o, _, l = attention.merge_partials(parts)
-    out = attention.unfold_outputs(attention.normalize(o, l), t).astype(v.dtype)
-
-    # Append: row b's real tokens go to slots [length_b, length_b + n_b); padding is dropped.
-    valid = positions >= 0  # [B, T]
-    slots = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
-    slots = jnp.where(valid, slots, self.capacity)  # out of range -> dropped
-    rows_idx = jnp.arange(b)[:, None]
-    new = DenseLayerCache(
-        k=cache.k.at[rows_idx, :, slots].set(k.astype(cache.k.dtype), mode="drop"),
-        v=cache.v.at[rows_idx, :, slots].set(v.astype(cache.v.dtype), mode="drop"),
-        positions=cache.positions.at[rows_idx, slots].set(positions, mode="drop"),
-        lengths=cache.lengths + jnp.sum(valid, axis=1, dtype=jnp.int32),
-    )
-    layers = self.layers[:layer] + (new,) + self.layers[layer + 1:]
-    return out, self.replace(layers=layers)
+    return attention.unfold_outputs(attention.normalize(o, l), t).astype(v.dtype)

@@ -1,0 +1,76 @@
+"""Flags shared by every phase binary, and the `grid.Settings` they make.
+
+  python -m experiments.phase1 --budget=4096 --num_samples=2 --output_dir=results/
+
+Grid flags left unset (`--methods`, `--lengths`, `--budget`, `--budgets`, `--tasks`,
+`--num_samples`) take the phase's defaults for `--grid` ('default', 'quick' or 'paper'; see
+each phase's GRIDS). Importing this module defines the flags once, so the phase modules and
+`run_all` can all import it.
+"""
+
+from absl import flags
+
+from experiments import grid
+
+_MODEL = flags.DEFINE_string('model', 'smollm2-135m',
+                             'Embedded alias, Hugging Face directory or .gguf file.')
+_METHODS = flags.DEFINE_list('methods', None,
+                             "Methods (phase 3: variant labels); default: the phase's.")
+_LENGTHS = flags.DEFINE_list('lengths', None, "Prompt lengths in tokens; default: the phase's.")
+_BUDGET = flags.DEFINE_integer('budget', None,
+                               "Tokens kept per KV head per layer (phases 1, 3); default: "
+                               "the phase's.")
+_BUDGETS = flags.DEFINE_list('budgets', None,
+                             'Budgets for phases 0 and 2 (phase 2 adds them to its own).')
+_TASKS = flags.DEFINE_list('tasks', None,
+                           "Tasks (see experiments.tasks.TASKS, 'longbench/<subset>'); "
+                           "default: the phase's.")
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', None,
+                                    "Samples per (method, task, length, budget) cell.")
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of every generated sample.')
+_CHUNK_SIZE = flags.DEFINE_integer('chunk_size', grid.Settings.chunk_size,
+                                   'Prefill chunk in tokens (every cell, so 20k tokens fit).')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Model dtype.')
+_OUTPUT_DIR = flags.DEFINE_string('output_dir', 'results',
+                                  'Root directory; each phase writes <output_dir>/<phase>/.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False,
+                               "Discard a phase's earlier results instead of resuming.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', grid.Settings.max_new_tokens,
+                                       'Tokens generated per answer.')
+_PROFILE = flags.DEFINE_string('profile', None,
+                               "Head profile JSON; default: the model's shipped profile.")
+_LONGBENCH_DIR = flags.DEFINE_string('longbench_dir', None,
+                                     'Directory of LongBench <subset>.jsonl files.')
+_GRID = flags.DEFINE_enum('grid', 'default', list(grid.GRID_NAMES),
+                          "Phase defaults: 'default' (CPU-sized), 'quick' (minutes), "
+                          "'paper' (the seed plan's full grid).")
+
+
+def _ints(name: str, values):
+  if values is None:
+    return None
+  return tuple(grid.parse_int(name, v) for v in values)
+
+
+def settings_from_flags(**overrides) -> grid.Settings:
+  """The parsed flags as `grid.Settings` (unset grid flags stay None); `overrides` win."""
+  values = dict(
+      model=_MODEL.value,
+      methods=None if _METHODS.value is None else tuple(_METHODS.value),
+      lengths=_ints('--lengths', _LENGTHS.value),
+      budget=_BUDGET.value,
+      budgets=_ints('--budgets', _BUDGETS.value),
+      tasks=None if _TASKS.value is None else tuple(_TASKS.value),
+      num_samples=_NUM_SAMPLES.value,
+      seed=_SEED.value,
+      chunk_size=_CHUNK_SIZE.value,
+      dtype=_DTYPE.value,
+      output_dir=_OUTPUT_DIR.value,
+      overwrite=_OVERWRITE.value,
+      max_new_tokens=_MAX_NEW_TOKENS.value,
+      profile=_PROFILE.value,
+      longbench_dir=_LONGBENCH_DIR.value,
+      grid=_GRID.value,
+  )
+  values.update(overrides)
+  return grid.Settings(**values)

@@ -1,0 +1,236 @@
+"""Phase binaries end to end on a tiny random model with SmolLM2's real tokenizer.
+
+  .venv/bin/python -m pytest tests/test_phases.py -q
+
+The model is injected (`runner=`, `tokenizer=`), so no checkpoint is read; its vocabulary is
+the tokenizer's so the real task generators run unchanged. A random head profile of the tiny
+model's shape is passed as `--profile`.
+"""
+
+import dataclasses
+import json
+import os
+
+from absl import app
+from flax import nnx
+import numpy as np
+import pandas as pd
+import pytest
+
+from experiments import grid
+from experiments import phase0
+from experiments import phase1
+from experiments import phase2
+from experiments import phase3
+from experiments import phase4
+from experiments import results
+from experiments import run_all
+from headkv_jax import profile as profile_lib
+from models.config import LlamaConfig
+from models.llama import Llama
+from models.runner import ModelRunner
+
+LENGTH = 256
+
+
+class _Killed(Exception):
+  pass
+
+
+RECORD_KEYS = {'phase', 'method', 'task', 'length', 'budget', 'sample', 'status'}
+
+
+@pytest.fixture(scope='module')
+def model():
+  from models import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  try:
+    tokenizer = tokenizer_lib.load_tokenizer('smollm2-135m')
+  except (FileNotFoundError, OSError) as e:
+    pytest.skip(f'SmolLM2 tokenizer unavailable: {e}')
+  cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                    max_position_embeddings=512)
+  return ModelRunner(Llama(cfg, rngs=nnx.Rngs(0))), tokenizer
+
+
+@pytest.fixture(scope='module')
+def profile_path(tmp_path_factory):
+  rng = np.random.default_rng(0)
+  scores = {n: rng.random((2, 2)) for n in profile_lib.SCORE_NAMES}
+  profile = profile_lib.HeadProfile(model_id='tiny', num_layers=2, num_kv_heads=2,
+                                    num_q_heads=4, scores=scores,
+                                    roles=np.array([[0, 1], [2, 2]]))
+  path = str(tmp_path_factory.mktemp('profile') / 'tiny.json')
+  profile.save(path)
+  profile_lib.plot_heatmaps(profile, path[:-len('.json')] + '.png')  # the report links it
+  return path
+
+
+def _settings(tmp_path, profile_path, **kw):
+  base = dict(model='tiny', lengths=(LENGTH,), tasks=('passkey',), num_samples=1,
+              chunk_size=128, max_new_tokens=4, output_dir=str(tmp_path),
+              profile=profile_path, grid='quick')
+  return grid.Settings(**{**base, **kw})
+
+
+def _records(tmp_path, phase):
+  return results.read_results(os.path.join(tmp_path, phase, results.RESULTS_FILE))
+
+
+def _check_files(tmp_path, phase):
+  directory = os.path.join(tmp_path, phase)
+  for name in (results.RUN_FILE, results.RESULTS_FILE, results.SUMMARY_FILE):
+    assert os.path.isfile(os.path.join(directory, name)), name
+  with open(os.path.join(directory, results.RUN_FILE), encoding='utf-8') as f:
+    run = json.load(f)
+  assert run['flags']['phase'] == phase and run['versions']['jax']
+  summary = pd.read_csv(os.path.join(directory, results.SUMMARY_FILE))
+  assert {'method', 'task', 'length', 'budget', 'n', 'n_skipped'} <= set(summary.columns)
+  records = _records(tmp_path, phase)
+  assert records and all(RECORD_KEYS <= set(r) for r in records)
+  return records
+
+
+def test_phase1_writes_records_and_resumes(model, profile_path, tmp_path, monkeypatch):
+  runner, tokenizer = model
+  settings = _settings(tmp_path, profile_path, budget=64, tasks=('passkey', 'perplexity'))
+  calls, kill_at = [], [3]
+  real = grid.evaluate_cell
+
+  def counting(*args):
+    calls.append(args[3].key(args[2].index))
+    if len(calls) == kill_at[0]:
+      raise _Killed  # a kill in the middle of the grid
+    return real(*args)
+
+  with pytest.raises(_Killed):
+    phase1.run(settings, runner=runner, tokenizer=tokenizer, evaluate_fn=counting)
+  assert len(_records(tmp_path, 'phase1')) == 2
+  calls.clear()
+  kill_at[0] = None
+  phase1.run(settings, runner=runner, tokenizer=tokenizer, evaluate_fn=counting)
+  records = _check_files(tmp_path, 'phase1')
+  assert len(calls) == 8 - 2  # 4 methods x 2 tasks; the 2 finished samples are not redone
+  assert len({tuple(r[k] for k in results.KEY_FIELDS) for r in records}) == len(records) == 8
+  by_method = {(r['method'], r['task']): r for r in records}
+  assert by_method[('full', 'passkey')]['budget'] == 0
+  ok = by_method[('headaware', 'passkey')]
+  assert ok['status'] == 'ok' and ok['budget'] == 64 and ok['cache_bytes'] > 0
+  for key in ('accuracy', 'prefill_s', 'decode_ms_per_token', 'peak_rss_bytes'):
+    assert key in ok
+  assert by_method[('h2o', 'perplexity')]['perplexity'] > 1
+  # A third run finds nothing to do and loads no model.
+  calls.clear()
+  phase1.run(settings, evaluate_fn=counting)
+  assert not calls
+
+
+def test_skipped_cell_records_its_reason(model, profile_path, tmp_path):
+  runner, tokenizer = model
+  settings = _settings(tmp_path, profile_path, methods=('snapkv', 'headaware'), budget=8)
+  summary = phase1.run(settings, runner=runner, tokenizer=tokenizer, progress=False)
+  records = _records(tmp_path, 'phase1')
+  assert {r['status'] for r in records} == {'skipped'}
+  assert all('below the minimum' in r['reason'] for r in records)
+  assert summary['n_skipped'].sum() == 2
+
+
+def test_unknown_method_and_task_fail_before_work(profile_path, tmp_path):
+  with pytest.raises(app.UsageError, match='allowed'):
+    phase1.run(_settings(tmp_path, profile_path, methods=('fulll',)))
+  with pytest.raises(app.UsageError, match='allowed'):
+    phase1.run(_settings(tmp_path, profile_path, tasks=('passkee',)))
+  with pytest.raises(app.UsageError, match='longbench_dir'):
+    phase1.run(_settings(tmp_path, profile_path, tasks=('longbench/qasper',)))
+  with pytest.raises(app.UsageError, match='allowed'):
+    phase3.run(_settings(tmp_path, profile_path, methods=('headaware[nope]',)))
+  assert not os.path.exists(os.path.join(tmp_path, 'phase1', results.RESULTS_FILE))
+
+
+def test_other_flags_refused_unless_overwrite(model, profile_path, tmp_path):
+  runner, tokenizer = model
+  settings = _settings(tmp_path, profile_path, methods=('streamingllm',), budget=32)
+  phase1.run(settings, runner=runner, tokenizer=tokenizer, progress=False)
+  other = _settings(tmp_path, profile_path, methods=('streamingllm',), budget=48)
+  with pytest.raises(app.UsageError, match='other flags'):
+    phase1.run(other, runner=runner, tokenizer=tokenizer)
+  phase1.run(dataclasses.replace(other, overwrite=True), runner=runner,
+             tokenizer=tokenizer, progress=False)
+  assert [r['budget'] for r in _records(tmp_path, 'phase1')] == [48]
+
+
+def test_phase0_oracle_and_phase2_budgets(model, profile_path, tmp_path, monkeypatch):
+  runner, tokenizer = model
+  settings = _settings(tmp_path, profile_path, methods=('full', 'oracle'), budgets=(32,),
+                       tasks=('passkey', 'perplexity'))
+  phase0.run(settings, runner=runner, tokenizer=tokenizer, progress=False)
+  records = {(r['method'], r['task']): r for r in _check_files(tmp_path, 'phase0')}
+  oracle = records[('oracle', 'passkey')]
+  assert oracle['status'] == 'ok' and oracle['oracle_s'] > 0 and oracle['kv_tokens_max'] <= 32
+  assert records[('oracle', 'perplexity')]['status'] == 'skipped'
+  monkeypatch.setitem(phase2.GRID_BUDGETS, 'quick', (64,))
+  phase2.run(dataclasses.replace(settings, methods=None, tasks=('passkey',)), runner=runner,
+             tokenizer=tokenizer, progress=False)
+  budgets = {r['budget'] for r in _check_files(tmp_path, 'phase2')}
+  assert budgets == {0, 32, 64}  # full, --budgets, the grid's
+
+
+def test_phase3_variants_and_phase4_report(model, profile_path, tmp_path):
+  runner, tokenizer = model
+  settings = _settings(tmp_path, profile_path, budget=48)
+  profile = profile_lib.HeadProfile.load(profile_path)
+  every = phase3.cells(settings.with_defaults(phase3.GRIDS))
+  assert {c.method for c in every} == set(phase3.VARIANTS)
+  assert all(grid.skip_reason(c, runner.config, profile) is None for c in every)
+  # Run the variants that change the budgets or the selection (compiles dominate the time).
+  chosen = ('full', 'headaware', 'headaware[uniform]', 'headaware[shuffled]',
+            'headaware[roles]', 'headaware[window=0]')
+  phase3.run(dataclasses.replace(settings, methods=chosen), runner=runner, tokenizer=tokenizer,
+             progress=False)
+  records = _check_files(tmp_path, 'phase3')
+  assert {r['method']: r['status'] for r in records} == {m: 'ok' for m in chosen}, records
+  report = phase4.run(str(tmp_path))
+  text = open(report, encoding='utf-8').read()
+  assert '## phase3' in text and 'headaware[uniform]' in text
+  assert os.path.isfile(os.path.join(tmp_path, 'phase3', grid.PROFILE_PNG))
+  assert '![head profile](../phase3/head_profile.png)' in text
+  assert os.path.isfile(os.path.join(tmp_path, 'report', 'phase3_accuracy_vs_method.png'))
+  with pytest.raises(app.UsageError, match='does not exist'):
+    phase4.run(str(tmp_path / 'nowhere'))
+
+
+def test_run_all_quick_writes_every_phase(model, profile_path, tmp_path, monkeypatch):
+  runner, tokenizer = model
+  for module, methods in ((phase0, ('full', 'oracle')), (phase1, ('full', 'headaware')),
+                          (phase2, ('headaware',)), (phase3, ('headaware[roles]',))):
+    quick = dict(module.GRIDS['quick'], methods=methods, num_samples=1, tasks=('passkey',))
+    monkeypatch.setitem(module.GRIDS, 'quick', quick)  # fewer cells: compiles dominate
+  monkeypatch.setitem(phase2.GRID_BUDGETS, 'quick', (64,))
+  settings = _settings(tmp_path, profile_path, tasks=None, num_samples=None, budget=64,
+                       budgets=(64,), lengths=(200,))
+  report = run_all.run(settings, runner=runner, tokenizer=tokenizer, progress=False)
+  for phase in run_all.PHASES:
+    assert {r['status'] for r in _check_files(tmp_path, phase)} == {'ok'}
+  assert os.path.isfile(report)
+  with pytest.raises(app.UsageError, match='methods'):
+    run_all.run(dataclasses.replace(settings, methods=('full',)))
+
+
+def test_flags_make_settings():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  from experiments import flags as exp_flags  # pylint: disable=g-import-not-at-top
+
+  with flagsaver.flagsaver():
+    flags.FLAGS(['phase1', '--lengths=1000,2000', '--methods=full,h2o', '--budget=128',
+                 '--grid=quick'])
+    settings = exp_flags.settings_from_flags()
+    assert settings.lengths == (1000, 2000) and settings.methods == ('full', 'h2o')
+    assert settings.tasks is None and settings.chunk_size == 1024
+    resolved = settings.with_defaults(phase1.GRIDS)
+    assert resolved.tasks == phase1.GRIDS['quick']['tasks'] and resolved.budget == 128
+    flags.FLAGS(['phase1', '--lengths=1k'])
+    with pytest.raises(app.UsageError, match='1k'):
+      exp_flags.settings_from_flags()
+  with pytest.raises(app.UsageError, match='chunk_size'):
+    grid.Settings(chunk_size=0)

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 
 from headkv_jax import attention
 
+_OLD_TILE = 2048  # keys per tile when a prefill chunk reads the cache
+
 
 @flax.struct.dataclass
 class DenseLayerCache:
@@ -113,19 +115,27 @@ class DenseKVCache:
     q_rows = attention.fold_queries(q * (d**-0.5), hkv)  # [B, Hkv, T*G, D]
     q_pos_rows = jnp.repeat(positions, hq // hkv, axis=1)  # [B, T*G]
 
-    def old_part(_):
-      mask = attention.position_mask(q_pos_rows, cache.positions)
-      return attention.partial_attention(q_rows, cache.k, cache.v, mask)
+    rows = q_rows.shape[2]
+    empty = (jnp.zeros((b, hkv, rows, d), jnp.float32),
+             jnp.full((b, hkv, rows), -1e30, jnp.float32),
+             jnp.zeros((b, hkv, rows), jnp.float32))
+    capacity = cache.k.shape[2]
+    filled = jnp.max(cache.lengths)
+    # Prefill reads the old cache in key tiles and skips, at runtime, tiles past the longest
+    # row: a chunk costs what the cache holds, not its capacity, and a tile's logits stay in
+    # cache. Decode reads everything in one go (a cond would copy the buffers every step).
+    tile = capacity if not skip_if_empty else _OLD_TILE
+    for start in range(0, capacity, tile):
+      stop = min(start + tile, capacity)
 
-    def no_old_part(_):
-      rows = q_rows.shape[2]
-      return (jnp.zeros((b, hkv, rows, d), jnp.float32),
-              jnp.full((b, hkv, rows), -1e30, jnp.float32),
-              jnp.zeros((b, hkv, rows), jnp.float32))
+      def old_part(_, start=start, stop=stop):
+        mask = attention.position_mask(q_pos_rows, cache.positions[:, start:stop])
+        return attention.partial_attention(
+            q_rows, cache.k[:, :, start:stop], cache.v[:, :, start:stop], mask)
 
-    if skip_if_empty:  # prefill: skip the read at runtime for a prompt's first chunk
-      parts.append(jax.lax.cond(jnp.any(cache.lengths > 0), old_part, no_old_part, None))
-    else:  # decode: the read is the step's main cost anyway; a cond would copy the buffers
-      parts.append(old_part(None))
+      if skip_if_empty:
+        parts.append(jax.lax.cond(filled > start, old_part, lambda _: empty, None))
+      else:
+        parts.append(old_part(None))
     o, _, l = attention.merge_partials(parts)
     return attention.unfold_outputs(attention.normalize(o, l), t).astype(v.dtype)

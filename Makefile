@@ -23,7 +23,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 
 # The main job: phase 1 on the embedded model (see README.md).
 run: install
-	$(PY) -m experiments.phase1 $(ARGS)
+	$(PY) -m experiments.phase1 --budget=4096 $(ARGS)
 
 # The whole test suite, as CI runs it.
 test: install

@@ -74,3 +74,16 @@ def settings_from_flags(**overrides) -> grid.Settings:
   )
   values.update(overrides)
   return grid.Settings(**values)
+
+
+def phase_main(phase: str, run):
+  """The ``main(argv)`` of a phase binary: flags -> ``run(settings)`` -> printed summary."""
+  from absl import app
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    settings = settings_from_flags()
+    grid.print_summary(phase, run(settings), settings.output_dir)
+
+  return main

@@ -58,11 +58,7 @@ def run(settings: grid.Settings, **kwargs):
   return grid.run_grid(PHASE, cells(settings), settings, **kwargs)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  settings = exp_flags.settings_from_flags()
-  grid.print_summary(PHASE, run(settings), settings.output_dir)
+main = exp_flags.phase_main(PHASE, run)
 
 
 if __name__ == '__main__':

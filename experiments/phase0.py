@@ -69,6 +69,11 @@ def _oracle_compress(cache, scores):
   return cache.compress(scores)
 
 
+@jax.jit
+def _oracle_rechunk(cache, scores):
+  return cache.rechunk(1, scores)
+
+
 def evaluate_oracle(runner, tokenizer, sample, spec, *, chunk_size, max_new_tokens) -> dict:
   """`evaluate.evaluate_sample` for the oracle policy (same metrics, plus `oracle_s`)."""
   cfg = runner.config
@@ -82,9 +87,9 @@ def evaluate_oracle(runner, tokenizer, sample, spec, *, chunk_size, max_new_toke
   hooks = generation.method_hooks(
       spec, cfg, batch=1, prompt_len=len(prompt), max_new_tokens=max_new_tokens,
       chunk_size=chunk_size, dtype=runner.model.dtype)
-  # No rechunk after prefill: PagedKVCache.rechunk compresses without oracle scores (an error
-  # for the oracle), so decoding keeps the prefill layout; kv_tokens_* are still the budgets'.
-  hooks.update(after_prefill_chunk=compress, after_prefill=None, after_decode_step=compress)
+  hooks.update(after_prefill_chunk=compress,
+               after_prefill=lambda cache: _oracle_rechunk(cache, scores),
+               after_decode_step=compress)
   out = generation.generate(runner, [prompt], max_new_tokens, allow_long_context=True, **hooks)
   text = tokenizer.decode(out.tokens[0], skip_special_tokens=True)
   record = {

@@ -378,15 +378,17 @@ class PagedKVCache:
 
   evict = compress
 
-  def rechunk(self, chunk_size: int) -> "PagedKVCache":
+  def rechunk(self, chunk_size: int,
+              oracle_scores: Sequence[jnp.ndarray] | None = None) -> "PagedKVCache":
     """This cache re-packed into pools with room for ``chunk_size`` new tokens per head.
 
     Prefill in chunks of C needs ``budget + C`` slots per head; decoding needs one. Call
     ``cache.rechunk(1)`` (or a page, to amortise eviction with ``headroom``) after prefill so
     the bytes held while decoding are the budgets' bytes, not the prefill chunk's. Heads are
-    compressed to their budgets first. Jit-able (all shapes follow from static fields).
+    compressed to their budgets first (the oracle needs its ``oracle_scores``, as in
+    :meth:`compress`). Jit-able (all shapes follow from static fields).
     """
-    cache = self.compress()
+    cache = self.compress(oracle_scores)
     lc0 = cache.layers[0]
     b, _, d = lc0.k.shape
     new = PagedKVCache.create(

@@ -25,6 +25,7 @@ import shutil
 from typing import Callable, Iterable, Sequence
 
 from absl import app
+import jax
 import numpy as np
 
 from experiments import evaluate
@@ -307,8 +308,14 @@ def run_grid(phase: str, cells: Sequence[Cell], settings: Settings, *, runner=No
     if any(k not in done for k in keys) and runner is None:
       runner, tokenizer = load_model(settings)
     reasons = {}
+    previous = None
     for key in results.iter_pending(keys, done, desc=phase, disable=progress is False):
       cell = by_key[key[:4]]
+      if previous is not None and cell != previous:
+        # Each cell compiles its own cache shapes; dropping the last cell's executables keeps
+        # a long grid under the process's memory-map limit (LLVM fails to map code otherwise).
+        jax.clear_caches()
+      previous = cell
       if cell not in reasons:
         reasons[cell] = skip_reason(cell, runner.config, profile)
       if reasons[cell] is not None:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import profile_heads
+from experiments import profiling as profile_heads
 from headkv_jax import head_scores
 from headkv_jax import profiles
 from models.attention_maps import AttentionRecorder, attention_maps

@@ -69,7 +69,7 @@ def evaluate_perplexity(runner: ModelRunner, sample, spec: methods.MethodSpec, *
   cache = methods.make_cache(
       spec, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
       batch=1, capacity=generation._round_up(n, generation.BUCKET), chunk_size=chunk_size,
-      dtype=runner.model.dtype, prompt_len=n, profile=profile)
+      dtype=runner.model.dtype, max_len=n, profile=profile)
   compress = None if spec.name == "full" else generation._jit_compress
   nll, count = 0.0, 0
   start_t = time.perf_counter()

@@ -213,7 +213,7 @@ def skip_reason(cell: Cell, config, profile) -> str | None:
     return None
   try:
     methods.method_budgets(cell.spec, config.num_layers, config.num_kv_heads,
-                           prompt_len=cell.length, profile=profile)
+                           max_len=cell.length, profile=profile)
   except ValueError as e:
     return str(e)
   return None

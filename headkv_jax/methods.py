@@ -5,7 +5,7 @@ into a cache::
 
     spec = MethodSpec("headaware", budget=128)
     cache = make_cache(spec, num_layers=30, num_kv_heads=3, head_dim=64, batch=1,
-                       prompt_len=2000, chunk_size=2048, profile=profile)
+                       max_len=2024, chunk_size=2048, profile=profile)
 
 ``budget`` is the seed plan's "tokens per layer": the *average* number of tokens kept per KV
 head per layer (a layer holds ``budget * kv_heads`` slots in all, however they are split).
@@ -84,9 +84,13 @@ class MethodSpec:
 
 
 def method_budgets(spec: MethodSpec, num_layers: int, num_kv_heads: int, *,
-                   prompt_len: int | None = None,
+                   max_len: int | None = None,
                    profile: HeadProfile | None = None) -> np.ndarray:
-  """Per-(layer, KV head) budgets ``[layers, Hkv]`` int for a compressed method."""
+  """Per-(layer, KV head) budgets ``[layers, Hkv]`` int for a compressed method.
+
+  ``max_len`` (prompt + new tokens) caps every head: no pool is sized for tokens that can
+  never arrive (a budget of 4096 on a 2,000-token prompt holds 2,000 + new tokens' worth).
+  """
   if spec.name == "full":
     raise ValueError("Method 'full' has no budgets: it keeps every token.")
   policy = spec.policy()
@@ -106,26 +110,31 @@ def method_budgets(spec: MethodSpec, num_layers: int, num_kv_heads: int, *,
       opts = dict(pool_fraction=spec.pool_fraction, score_name=spec.score_name)
     return allocation_lib.allocate_budgets(
         spec.allocation, spec.budget, num_layers, num_kv_heads, scores=scores,
-        max_len=prompt_len, scope=spec.scope, sinks=policy.n_sink, window=policy.window,
+        max_len=max_len, scope=spec.scope, sinks=policy.n_sink, window=policy.window,
         min_per_head=floor, **opts).astype(np.int32)
   if spec.name == "pyramidkv":
-    return np.asarray(policies_lib.pyramid_budgets(
+    budgets = np.asarray(policies_lib.pyramid_budgets(
         spec.budget, num_layers, num_kv_heads, min_budget=floor), np.int32)
-  return np.full((num_layers, num_kv_heads), spec.budget, np.int32)
+  else:
+    budgets = np.full((num_layers, num_kv_heads), spec.budget, np.int32)
+  if max_len is not None:
+    budgets = np.maximum(np.minimum(budgets, max_len), floor).astype(np.int32)
+  return budgets
 
 
 def make_cache(spec: MethodSpec, *, num_layers: int, num_kv_heads: int, head_dim: int,
                batch: int, capacity: int, chunk_size: int, dtype=jnp.float32,
-               prompt_len: int | None = None, profile: HeadProfile | None = None,
+               max_len: int | None = None, profile: HeadProfile | None = None,
                page_size: int = 16):
   """An empty cache for ``spec``: dense for ``full``, paged and budgeted otherwise.
 
   ``capacity`` sizes the dense cache (prompt + new tokens); ``chunk_size`` is the most tokens
-  one model call adds (the prompt length for one-shot prefill).
+  one model call adds (the prompt length for one-shot prefill); ``max_len`` (prompt + new
+  tokens) caps the per-head budgets.
   """
   if spec.name == "full":
     return DenseKVCache.create(num_layers, batch, num_kv_heads, head_dim, capacity, dtype)
-  budgets = method_budgets(spec, num_layers, num_kv_heads, prompt_len=prompt_len,
+  budgets = method_budgets(spec, num_layers, num_kv_heads, max_len=max_len,
                            profile=profile)
   return PagedKVCache.create(num_layers, batch, num_kv_heads, head_dim, budgets,
                              spec.policy(), chunk_size=chunk_size, dtype=dtype,

@@ -183,7 +183,7 @@ def method_hooks(spec, config, *, batch: int, prompt_len: int, max_new_tokens: i
     return methods.make_cache(
         spec, num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
         head_dim=config.head_dim, batch=b, capacity=capacity, chunk_size=chunk, dtype=dtype,
-        prompt_len=prompt_len, profile=profile)
+        max_len=prompt_len + max_new_tokens, profile=profile)
 
   hooks = dict(make_cache=make_cache, chunk_size=chunk_size)
   if spec.name != "full":

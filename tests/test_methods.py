@@ -80,7 +80,7 @@ def test_headaware_budgets_follow_the_profile():
   """Model-wide headkv allocation: exact total, more budget where the profile retrieves."""
   profile = load_shipped_profile("smollm2-135m")
   budgets = methods.method_budgets(methods.MethodSpec("headaware", 128), 30, 3,
-                                   prompt_len=2000, profile=profile)
+                                   max_len=2000, profile=profile)
   assert budgets.sum() == 128 * 30 * 3
   top = np.unravel_index(np.argmax(profile.scores["retrieval_reasoning"]), budgets.shape)
   assert budgets[top] == budgets.max()
@@ -101,3 +101,11 @@ def test_budget_below_policy_minimum_is_named():
     methods.method_budgets(methods.MethodSpec("snapkv", 16), 2, 2)
   with pytest.raises(ValueError, match="needs a head profile"):
     methods.method_budgets(methods.MethodSpec("headaware", 64), 2, 2)
+
+
+def test_budgets_are_capped_at_the_longest_possible_sequence():
+  """A budget past prompt + new tokens sizes no pool for tokens that can never arrive."""
+  capped = methods.method_budgets(methods.MethodSpec("h2o", 4096), 2, 2, max_len=300)
+  assert (capped == 300).all()
+  floor = methods.method_budgets(methods.MethodSpec("snapkv", 4096), 2, 2, max_len=10)
+  assert (floor == 32).all()  # never below the policy's minimum

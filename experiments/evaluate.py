@@ -31,13 +31,18 @@ def _cache_metrics(cache) -> dict:
 
 def evaluate_sample(runner: ModelRunner, tokenizer, sample, spec: methods.MethodSpec, *,
                     chunk_size: int | None, profile=None,
-                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> dict:
-  """Generates an answer for ``sample`` under ``spec``; returns accuracy, memory and timing."""
+                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                    hook_overrides: dict | None = None) -> dict:
+  """Generates an answer for ``sample`` under ``spec``; returns accuracy, memory and timing.
+
+  ``hook_overrides`` replaces generation hooks (the oracle compresses with its own scores).
+  """
   cfg = runner.config
   prompt = list(sample.prompt_tokens)
   hooks = generation.method_hooks(
       spec, cfg, batch=1, prompt_len=len(prompt), max_new_tokens=max_new_tokens,
       chunk_size=chunk_size, dtype=runner.model.dtype, profile=profile)
+  hooks.update(hook_overrides or {})
   out = generation.generate(runner, [prompt], max_new_tokens, allow_long_context=True, **hooks)
   text = tokenizer.decode(out.tokens[0], skip_special_tokens=True)
   record = {

@@ -84,28 +84,12 @@ def evaluate_oracle(runner, tokenizer, sample, spec, *, chunk_size, max_new_toke
   scores = oracle_scores(runner, tokenizer, sample, capacity)
   oracle_s = time.perf_counter() - t0
   compress = lambda cache: _oracle_compress(cache, scores)
-  hooks = generation.method_hooks(
-      spec, cfg, batch=1, prompt_len=len(prompt), max_new_tokens=max_new_tokens,
-      chunk_size=chunk_size, dtype=runner.model.dtype)
-  hooks.update(after_prefill_chunk=compress,
-               after_prefill=lambda cache: _oracle_rechunk(cache, scores),
-               after_decode_step=compress)
-  out = generation.generate(runner, [prompt], max_new_tokens, allow_long_context=True, **hooks)
-  text = tokenizer.decode(out.tokens[0], skip_special_tokens=True)
-  record = {
-      'accuracy': float(sample.score(text)),
-      'prompt_tokens': len(prompt),
-      'past_context': len(prompt) + max_new_tokens > cfg.max_position_embeddings,
-      'oracle_s': oracle_s,
-      'prefill_s': out.prefill_s,
-      'decode_ms_per_token': (1e3 * out.decode_s / out.decode_steps
-                              if out.decode_steps else None),
-      'prefill_cache_bytes': out.prefill_cache_bytes,
-      'peak_rss_bytes': results.peak_rss_bytes(),
-      'generated': text[:200],
-  }
-  record.update(evaluate._cache_metrics(out.cache))  # pylint: disable=protected-access
-  return record
+  overrides = dict(after_prefill_chunk=compress,
+                   after_prefill=lambda cache: _oracle_rechunk(cache, scores),
+                   after_decode_step=compress)
+  record = evaluate.evaluate_sample(runner, tokenizer, sample, spec, chunk_size=chunk_size,
+                                    max_new_tokens=max_new_tokens, hook_overrides=overrides)
+  return dict(record, oracle_s=oracle_s)
 
 
 def evaluate_phase0(runner, tokenizer, sample, cell, settings, profile) -> dict:

@@ -23,7 +23,6 @@ import numpy as np
 from experiments import evaluate
 from experiments import flags as exp_flags
 from experiments import grid
-from experiments import results
 from models import attention_maps
 from models import generation
 
@@ -76,7 +75,6 @@ def _oracle_rechunk(cache, scores):
 
 def evaluate_oracle(runner, tokenizer, sample, spec, *, chunk_size, max_new_tokens) -> dict:
   """`evaluate.evaluate_sample` for the oracle policy (same metrics, plus `oracle_s`)."""
-  cfg = runner.config
   prompt = list(sample.prompt_tokens)
   t0 = time.perf_counter()
   bucket = generation.BUCKET

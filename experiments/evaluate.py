@@ -18,6 +18,7 @@ import numpy as np
 from experiments import results
 from headkv_jax import methods
 from models import generation
+from models import shared_prefill
 from models.runner import ModelRunner
 
 DEFAULT_MAX_NEW_TOKENS = 24
@@ -44,6 +45,28 @@ def evaluate_sample(runner: ModelRunner, tokenizer, sample, spec: methods.Method
       chunk_size=chunk_size, dtype=runner.model.dtype, profile=profile)
   hooks.update(hook_overrides or {})
   out = generation.generate(runner, [prompt], max_new_tokens, allow_long_context=True, **hooks)
+  return _answer_record(runner, tokenizer, sample, out, max_new_tokens)
+
+
+def evaluate_from_shared(runner: ModelRunner, tokenizer, sample, shared, spec, *,
+                         profile=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> dict:
+  """``evaluate_sample`` of ``spec`` with one-shot eviction, from a shared prefill of ``sample``
+  (``models.shared_prefill.prefill``).
+
+  The record is that of ``evaluate_sample(..., chunk_size=None)`` (same kept tokens, same
+  answer; see ``models.shared_prefill``), plus ``shared_prefill: True`` and
+  ``shared_prefill_s``; ``prefill_s`` is the shared prefill plus the spec's compression, and
+  ``peak_rss_bytes`` is the process's (shared prefills are held while methods run).
+  """
+  out = shared_prefill.generate_from(runner, shared, spec, profile=profile)
+  return {**_answer_record(runner, tokenizer, sample, out, max_new_tokens),
+          "shared_prefill": True, "shared_prefill_s": shared.prefill_s}
+
+
+def _answer_record(runner: ModelRunner, tokenizer, sample, out, max_new_tokens: int) -> dict:
+  """A generation task's metrics from a ``GenerationResult`` of one prompt."""
+  cfg = runner.config
+  prompt = sample.prompt_tokens
   text = tokenizer.decode(out.tokens[0], skip_special_tokens=True)
   record = {
       "accuracy": float(sample.score(text)),

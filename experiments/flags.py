@@ -44,6 +44,23 @@ _LONGBENCH_DIR = flags.DEFINE_string('longbench_dir', None,
 _GRID = flags.DEFINE_enum('grid', 'default', list(grid.GRID_NAMES),
                           "Phase defaults: 'default' (CPU-sized), 'quick' (minutes), "
                           "'paper' (the seed plan's full grid).")
+_SHARED_PREFILL = flags.DEFINE_bool(
+    'shared_prefill', False,
+    'One-shot eviction from one prefill per sample shared by every method and budget (a '
+    'budget sweep at the cost of one prompt pass; needs --chunk_size >= the longest prompt).')
+
+
+def join_brackets(values):
+  """Re-joins list items absl split inside brackets: ['a[x=1', 'y=2]', 'b'] -> ['a[x=1,y=2]', 'b']
+  (phase 3's variant labels `headaware[pool_kernel=13,sinks=4]` hold commas)."""
+  out, depth = [], 0
+  for v in values:
+    if depth > 0:
+      out[-1] += ',' + v
+    else:
+      out.append(v)
+    depth += v.count('[') - v.count(']')
+  return out
 
 
 def _ints(name: str, values):
@@ -56,7 +73,7 @@ def settings_from_flags(**overrides) -> grid.Settings:
   """The parsed flags as `grid.Settings` (unset grid flags stay None); `overrides` win."""
   values = dict(
       model=_MODEL.value,
-      methods=None if _METHODS.value is None else tuple(_METHODS.value),
+      methods=None if _METHODS.value is None else tuple(join_brackets(_METHODS.value)),
       lengths=_ints('--lengths', _LENGTHS.value),
       budget=_BUDGET.value,
       budgets=_ints('--budgets', _BUDGETS.value),
@@ -71,6 +88,7 @@ def settings_from_flags(**overrides) -> grid.Settings:
       profile=_PROFILE.value,
       longbench_dir=_LONGBENCH_DIR.value,
       grid=_GRID.value,
+      shared_prefill=_SHARED_PREFILL.value,
   )
   values.update(overrides)
   return grid.Settings(**values)

@@ -39,6 +39,9 @@ PERPLEXITY_TASK = 'perplexity'
 PROFILE_PNG = 'head_profile.png'  # copied into each phase directory for the report
 # Settings fields a phase fills from its GRIDS when the user left them unset.
 GRID_FIELDS = ('methods', 'lengths', 'budget', 'budgets', 'tasks', 'num_samples')
+# Most bytes of shared prefills (dense prompt caches + statistics) held at once; a cell then
+# runs over all of them (one compile per cell for up to this many bytes of samples).
+SHARED_BYTES = 8 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,9 @@ class Settings:
     profile: head profile JSON; None = the model's shipped profile.
     longbench_dir: directory of LongBench `<subset>.jsonl` files.
     grid: which of the phase's GRIDS fills unset fields.
+    shared_prefill: one-shot eviction from one prefill per sample, shared by every method
+      and budget of a (task, length) (`models.shared_prefill`); needs `chunk_size` >= the
+      longest prompt. Perplexity, the oracle and cache_relative cells run alone.
   """
 
   model: str = 'smollm2-135m'
@@ -80,6 +86,7 @@ class Settings:
   profile: str | None = None
   longbench_dir: str | None = None
   grid: str = 'default'
+  shared_prefill: bool = False
 
   def __post_init__(self):
     if self.grid not in GRID_NAMES:
@@ -269,6 +276,85 @@ def _run_sample(key: tuple, cell: Cell, runner, tokenizer, settings: Settings, p
     return {**record, 'status': 'skipped', 'reason': str(e)}
 
 
+def _shares_prefill(cell: Cell) -> bool:
+  from models import shared_prefill  # pylint: disable=g-import-not-at-top
+
+  return cell.task != PERPLEXITY_TASK and shared_prefill.supports(cell.spec)
+
+
+def _shared_units(pending: Sequence[tuple], by_key: dict, settings: Settings) -> list[list]:
+  """Pending keys grouped per (task, length) where cells can share a prefill; every other key
+  alone. Groups come first, in (task, length) order."""
+  longest = max((by_key[k[:4]].length for k in pending), default=0)
+  if settings.chunk_size < longest:
+    raise app.UsageError(
+        f'--shared_prefill is one-shot eviction: it needs --chunk_size >= the longest prompt '
+        f'({longest} tokens). Got --chunk_size={settings.chunk_size}.')
+  groups: dict[tuple, list] = {}
+  alone = []
+  for key in pending:
+    if _shares_prefill(by_key[key[:4]]):
+      groups.setdefault((key[1], key[2]), []).append(key)
+    else:
+      alone.append([key])
+  return [groups[g] for g in sorted(groups)] + alone
+
+
+def _run_shared(keys: Sequence[tuple], by_key: dict, runner, tokenizer, settings: Settings,
+                profiles: dict, write: Callable[[dict], None]) -> None:
+  """Records of `keys` (one task and length): each sample prefilled once, then each cell run
+  over the held prefills (one compile per cell), at most SHARED_BYTES of prefills at a time."""
+  from models import shared_prefill  # pylint: disable=g-import-not-at-top
+
+  keyset = set(keys)
+  cells = list({k[:4]: by_key[k[:4]] for k in keys}.values())
+  first = cells[0]
+  window = shared_prefill.record_window([c.spec for c in cells])
+  options = ({'longbench_dir': settings.longbench_dir}
+             if first.task.startswith(tasks_lib.LONGBENCH_PREFIX) else {})
+
+  def base(cell, i):
+    return {**dict(zip(results.KEY_FIELDS, cell.key(i))), 'seed': settings.seed,
+            'spec': _spec_text(cell.spec)}
+
+  def run_cells(held):
+    for cell in cells:
+      for i, sample, shared in held:
+        if cell.key(i) not in keyset:
+          continue
+        try:
+          metrics = evaluate.evaluate_from_shared(
+              runner, tokenizer, sample, shared, cell.spec,
+              profile=profiles[cell.shuffle_profile], max_new_tokens=settings.max_new_tokens)
+        except ValueError as e:
+          logging.warning('%s skipped: %s', cell.key(i), e)
+          metrics = {'status': 'skipped', 'reason': str(e)}
+        write({**base(cell, i), **metrics})
+      jax.clear_caches()  # this cell's executables are done (see run_grid)
+
+  held, held_bytes = [], 0
+  for i in sorted({k[4] for k in keys}):
+    try:
+      sample = tasks_lib.make_task(first.task, tokenizer, first.length, settings.seed, i,
+                                   **options)
+      shared = shared_prefill.prefill(runner, [list(sample.prompt_tokens)],
+                                      settings.max_new_tokens, window=window,
+                                      allow_long_context=True)
+    except ValueError as e:
+      logging.warning('%s sample %d skipped: %s', first.key(i)[1:3], i, e)
+      for cell in cells:
+        if cell.key(i) in keyset:
+          write({**base(cell, i), 'status': 'skipped', 'reason': str(e)})
+      continue
+    held.append((i, sample, shared))
+    held_bytes += shared.nbytes
+    if held_bytes >= SHARED_BYTES:
+      run_cells(held)
+      held, held_bytes = [], 0
+  if held:
+    run_cells(held)
+
+
 def run_grid(phase: str, cells: Sequence[Cell], settings: Settings, *, runner=None,
              tokenizer=None, evaluate_fn: Evaluate | None = None, progress: bool | None = None):
   """Runs (or resumes) every sample of `cells`; returns the summary DataFrame.
@@ -309,19 +395,36 @@ def run_grid(phase: str, cells: Sequence[Cell], settings: Settings, *, runner=No
       runner, tokenizer = load_model(settings)
     reasons = {}
     previous = None
-    for key in results.iter_pending(keys, done, desc=phase, disable=progress is False):
-      cell = by_key[key[:4]]
-      if previous is not None and cell != previous:
+    pending = [k for k in keys if k not in done]
+    units = (_shared_units(pending, by_key, settings) if settings.shared_prefill
+             and evaluate_fn is None else [[k] for k in pending])
+    for unit, advance in results.iter_units(units, len(keys), desc=phase,
+                                            disable=progress is False):
+      cell = by_key[unit[0][:4]]
+      compiled = cell.key(0)[1:3] if len(unit) > 1 else cell  # what shares executables
+      if previous is not None and compiled != previous:
         # Each cell compiles its own cache shapes; dropping the last cell's executables keeps
         # a long grid under the process's memory-map limit (LLVM fails to map code otherwise).
         jax.clear_caches()
-      previous = cell
-      if cell not in reasons:
-        reasons[cell] = skip_reason(cell, runner.config, profile)
-      if reasons[cell] is not None:
-        writer.record_skipped(key, reasons[cell])
-      else:
-        writer.write(_run_sample(key, cell, runner, tokenizer, settings,
+      previous = compiled
+      runnable = []
+      for key in unit:
+        c = by_key[key[:4]]
+        if c not in reasons:
+          reasons[c] = skip_reason(c, runner.config, profile)
+        if reasons[c] is not None:
+          writer.record_skipped(key, reasons[c])
+        else:
+          runnable.append(key)
+      if len(unit) > 1 and runnable:
+
+        def write(record):
+          writer.write(record)
+          advance(1)
+
+        _run_shared(runnable, by_key, runner, tokenizer, settings, profiles, write)
+      elif runnable:
+        writer.write(_run_sample(runnable[0], cell, runner, tokenizer, settings,
                                  profiles[cell.shuffle_profile], evaluate_fn or evaluate_cell))
     return writer.write_summary()
 

@@ -3,11 +3,16 @@
   python -m experiments.phase3                           # every variant, 5000 tokens, budget 512
   python -m experiments.phase3 --methods=headaware,headaware[uniform] --budget=256
 
-`--methods` picks variants by label (VARIANTS): head-aware allocation vs uniform budgets
+`--methods` picks variants by label (VARIANTS, or combinations such as
+`headaware[pool_kernel=13,sinks=4]`, see `parse_variant`): head-aware allocation vs uniform budgets
 (= SnapKV selection) vs a shuffled profile vs roles-only allocation vs per-layer scope; the
-sink and observation-window components on/off; GQA reduction mean vs max; `full` as the
-reference. Writes `<output_dir>/phase3/{run.json,results.jsonl,summary.csv}`.
+sink and observation-window components on/off; GQA reduction mean vs max; the SnapKV pooling
+kernel; the profile score the budgets follow; the share of the budget split by score; `full`
+as the reference. Writes `<output_dir>/phase3/{run.json,results.jsonl,summary.csv}`.
 """
+
+import dataclasses
+import re
 
 from absl import app
 
@@ -28,11 +33,18 @@ VARIANTS = {
     'headaware[window=0]': (dict(window=0), False),
     'headaware[window=8]': (dict(window=8), False),
     'headaware[gqa=max]': (dict(gqa_reduce='max'), False),
+    'headaware[pool_kernel=13]': (dict(pool_kernel=13), False),
+    'headaware[score=retrieval]': (dict(score_name='retrieval'), False),
+    'headaware[pool_fraction=0.5]': (dict(pool_fraction=0.5), False),
 }
+# The quick grid's components: allocation, profile, sinks, window, GQA reduction.
+QUICK_VARIANTS = ('full', 'headaware', 'headaware[uniform]', 'headaware[shuffled]',
+                  'headaware[roles]', 'headaware[sinks=4]', 'headaware[window=8]',
+                  'headaware[gqa=max]')
 GRIDS = {
     'default': dict(methods=tuple(VARIANTS), lengths=(5000,), budget=512,
                     tasks=('passkey', 'perplexity'), num_samples=2),
-    'quick': dict(methods=tuple(VARIANTS), lengths=(2000,), budget=128,
+    'quick': dict(methods=QUICK_VARIANTS, lengths=(2000,), budget=128,
                   tasks=('passkey',), num_samples=2),
     'paper': dict(methods=tuple(VARIANTS), lengths=(10000,), budget=1024,
                   tasks=('passkey', 'niah_multikey', 'variable_tracking', 'perplexity'),
@@ -40,15 +52,59 @@ GRIDS = {
 }
 
 
+# Short names a variant label may use for MethodSpec fields.
+FIELD_ALIASES = {'sinks': 'n_sink', 'gqa': 'gqa_reduce', 'score': 'score_name'}
+_SPEC_FIELDS = {f.name: f for f in dataclasses.fields(methods_lib.MethodSpec)}
+_LABEL = re.compile(r'headaware\[(.+)\]$')
+
+
+def parse_variant(label: str) -> tuple[dict, bool]:
+  """(MethodSpec fields, shuffle) of a label: one of VARIANTS, or a combination written
+  `headaware[field=value,...]` (fields of MethodSpec or FIELD_ALIASES; a bare `uniform`,
+  `roles` or `layer_scope` / `shuffled` as in VARIANTS), e.g. `headaware[pool_kernel=13,sinks=4]`.
+  """
+  if label in VARIANTS:
+    return VARIANTS[label]
+  match = _LABEL.match(label)
+  if not match:
+    raise app.UsageError(f'Unknown variant {label!r}; allowed: {", ".join(VARIANTS)} or '
+                         "'headaware[field=value,...]'.")
+  fields, shuffle = {}, False
+  for part in match.group(1).split(','):
+    part = part.strip()
+    if f'headaware[{part}]' in VARIANTS and '=' not in part or part == 'shuffled':
+      more, more_shuffle = VARIANTS[f'headaware[{part}]']
+      fields.update(more)
+      shuffle |= more_shuffle
+      continue
+    name, _, value = part.partition('=')
+    name = FIELD_ALIASES.get(name, name)
+    if not value or name not in _SPEC_FIELDS or name in ('name', 'budget'):
+      raise app.UsageError(
+          f'Bad part {part!r} of variant {label!r}: write field=value with a field of '
+          f'{", ".join(sorted((set(_SPEC_FIELDS) - {"name", "budget"}) | set(FIELD_ALIASES)))}.')
+    default = getattr(methods_lib.MethodSpec('headaware', 1), name)
+    kind = type(default) if default is not None else int
+    try:
+      fields[name] = kind(value)
+    except ValueError:
+      raise app.UsageError(f'Bad value in {part!r} of variant {label!r}: expected '
+                           f'{kind.__name__}.') from None
+  return fields, shuffle
+
+
 def variant_cell(label: str, budget: int, task: str, length: int) -> grid.Cell:
-  fields, shuffle = VARIANTS[label]
-  spec = methods_lib.MethodSpec(**{'name': 'headaware', 'budget': budget, **fields})
+  fields, shuffle = parse_variant(label)
+  try:
+    spec = methods_lib.MethodSpec(**{'name': 'headaware', 'budget': budget, **fields})
+    spec.policy()  # validates the policy knobs (e.g. an even pool_kernel)
+  except ValueError as e:
+    raise app.UsageError(f'Variant {label!r}: {e}') from e
   return grid.Cell(label, spec, task, length, spec.budget, shuffle_profile=shuffle)
 
 
 def cells(settings: grid.Settings) -> list[grid.Cell]:
   """Every chosen variant x task x length at `settings.budget`."""
-  grid.check_methods(settings.methods, tuple(VARIANTS))
   return [variant_cell(label, settings.budget, task, length) for label in settings.methods
           for task in settings.tasks for length in settings.lengths]
 

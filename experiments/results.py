@@ -30,7 +30,7 @@ import os
 import platform
 import resource
 import sys
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import pandas as pd
 import tqdm
@@ -279,6 +279,28 @@ def grid_keys(methods: Iterable[str], tasks: Iterable[str], lengths: Iterable[in
   return list(itertools.product(methods, tasks, lengths, budgets, range(num_samples)))
 
 
+def iter_units(units: Sequence[Sequence[tuple]], total: int, desc: str = '',
+               disable: bool | None = None) -> Iterator[tuple[Sequence[tuple], Any]]:
+  """Yields `(group of pending keys, advance)` with a tqdm bar over all `total` keys (ETA).
+
+  The bar starts at the keys already done; `advance(n)` moves it as the caller finishes keys
+  of the group, and whatever the caller did not report is added once the group is done.
+  """
+  units = list(units)
+  pending = sum(len(u) for u in units)
+  with tqdm.tqdm(total=total, initial=total - pending, desc=desc, unit='sample',
+                 disable=disable, dynamic_ncols=True) as bar:
+    for unit in units:
+      moved = [0]
+
+      def advance(n: int = 1, moved=moved):
+        moved[0] += n
+        bar.update(n)
+
+      yield unit, advance
+      bar.update(max(len(unit) - moved[0], 0))
+
+
 def iter_pending(keys: Iterable[tuple], done: set[tuple], desc: str = '',
                  disable: bool | None = None) -> Iterator[tuple]:
   """Yields the keys not in `done`, with a tqdm bar (ETA) that starts at the done count.
@@ -286,11 +308,6 @@ def iter_pending(keys: Iterable[tuple], done: set[tuple], desc: str = '',
   The bar advances when the caller asks for the next key, i.e. after a sample is finished.
   """
   keys = list(keys)
-  already = sum(k in done for k in keys)
-  with tqdm.tqdm(total=len(keys), initial=already, desc=desc, unit='sample',
-                 disable=disable, dynamic_ncols=True) as bar:
-    for key in keys:
-      if key in done:
-        continue
-      yield key
-      bar.update(1)
+  units = [[k] for k in keys if k not in done]
+  for unit, _ in iter_units(units, len(keys), desc=desc, disable=disable):
+    yield unit[0]

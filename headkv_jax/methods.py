@@ -72,6 +72,9 @@ class MethodSpec:
     if self.allocation not in ALLOCATIONS:
       raise ValueError(
           f"Unknown allocation {self.allocation!r}; allowed: {', '.join(ALLOCATIONS)}.")
+    if self.scope not in allocation_lib.SCOPES:
+      raise ValueError(
+          f"Unknown scope {self.scope!r}; allowed: {', '.join(allocation_lib.SCOPES)}.")
 
   def policy(self) -> policies_lib.Policy:
     overrides = dict(pool_kernel=self.pool_kernel, gqa_reduce=self.gqa_reduce,

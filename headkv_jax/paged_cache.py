@@ -290,7 +290,6 @@ class PagedKVCache:
                        "with at most chunk_size tokens (and compress between calls).")
     group = hq // hkv
     lc = self.layers[layer]
-    num_slots = lc.k.shape[1]
     view_len = self.view_len(layer)
     kc, vc, pc, sc, view_idx = self.view(layer)  # [B, Hkv, C, ...]
 
@@ -316,24 +315,55 @@ class PagedKVCache:
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)  # [B, T, Hq, D]
 
     cached_scores, new_scores = self._slot_stats(probs, sc, tok_valid, rank, view_len)
-    stored = tok_valid[:, None, :] & (new_slot < self.room(layer)[:, :, None])  # [B, Hkv, T]
-    target = jnp.where(stored, lc.offsets[:, :, None] + new_slot, num_slots)  # [B, Hkv, T]
-    new_pos = jnp.broadcast_to(positions[:, None, :], target.shape)
     if self.policy.score_kind == "none":
       scores = lc.scores
     elif view_idx is None:
       scores = cached_scores.reshape(lc.scores.shape)
     else:
       scores = slot_pool.scatter(lc.scores, view_idx, cached_scores)
-    new = lc.replace(
+    new = self._write(layer, lc.replace(scores=scores), k_store, vt, positions, new_scores)
+    return out, self.with_layer(layer, new)
+
+  def append(self, layer: int, k, v, positions, scores) -> "PagedKVCache":
+    """Stores tokens without attending: the write half of :meth:`attend`.
+
+    For callers that computed attention elsewhere (the shared one-shot prefill of
+    :mod:`headkv_jax.prompt_stats`). Requires ``T <= chunk_size``.
+
+    Args:
+      layer: Python int.
+      k, v: ``[B, Hkv, T, D]`` keys as this cache stores them (rotated at their positions in
+        "original" mode) and values.
+      positions: ``[B, T]`` int32 positions, ``-1`` for padding (not stored).
+      scores: ``[B, Hkv, T]`` float32 the policy's per-slot statistic of each token.
+    """
+    if k.shape[2] > self.chunk_size:
+      raise ValueError(f"{k.shape[2]} new tokens exceed chunk_size={self.chunk_size}.")
+    lc = self.layers[layer]
+    new = self._write(layer, lc, k.astype(lc.k.dtype), v.astype(lc.v.dtype), positions,
+                      scores.astype(jnp.float32))
+    return self.with_layer(layer, new)
+
+  def _write(self, layer: int, lc: LayerCache, k_store, v_new, positions,
+             new_scores) -> LayerCache:
+    """``lc`` with the real tokens of ``positions [B, T]`` appended to each head's region
+    (``k_store, v_new [B, Hkv, T, D]``, ``new_scores [B, Hkv, T]``); a head whose region is
+    full drops the overflow and counts it in ``dropped``."""
+    num_slots = lc.k.shape[1]
+    tok_valid = positions >= 0  # [B, T]
+    rank = jnp.cumsum(tok_valid, axis=1, dtype=jnp.int32) - 1  # [B, T] slot among real tokens
+    new_slot = lc.lengths[:, :, None] + rank[:, None, :]  # [B, Hkv, T]
+    stored = tok_valid[:, None, :] & (new_slot < self.room(layer)[:, :, None])  # [B, Hkv, T]
+    target = jnp.where(stored, lc.offsets[:, :, None] + new_slot, num_slots)  # [B, Hkv, T]
+    new_pos = jnp.broadcast_to(positions[:, None, :], target.shape)
+    return lc.replace(
         k=slot_pool.scatter(lc.k, target, k_store),
-        v=slot_pool.scatter(lc.v, target, vt),
+        v=slot_pool.scatter(lc.v, target, v_new),
         positions=slot_pool.scatter(lc.positions, target, new_pos),
-        scores=slot_pool.scatter(scores, target, new_scores),
+        scores=slot_pool.scatter(lc.scores, target, new_scores),
         lengths=lc.lengths + jnp.sum(stored, axis=-1, dtype=jnp.int32),
         dropped=lc.dropped + jnp.sum(tok_valid[:, None, :] & ~stored, axis=-1, dtype=jnp.int32),
     )
-    return out, self.with_layer(layer, new)
 
   def _slot_stats(self, probs, cached_scores, tok_valid, rank, view_len):
     """Per-slot statistics -> (cached slots ``[B, Hkv, C]``, new tokens ``[B, Hkv, T]``)."""

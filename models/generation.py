@@ -133,10 +133,26 @@ def generate(
   jax.block_until_ready((last_logits, cache))
   prefill_s = time.perf_counter() - t0
 
+  timing = dict(prefill_s=prefill_s, prefill_cache_bytes=prefill_cache_bytes)
+  return decode(runner, cache, last_logits, lengths, max_new_tokens, sampling=sampling,
+                seed=seed, eos=eos, after_decode_step=after_decode_step, **timing)
+
+
+def decode(runner: ModelRunner, cache, last_logits, lengths, max_new_tokens: int, *,
+           sampling: sampling_lib.SamplingConfig, seed: int, eos: set[int],
+           after_decode_step: Callable[[object], object] | None = None,
+           **timing) -> GenerationResult:
+  """Samples each row's first token from ``last_logits [B, V]``, then decodes token by token.
+
+  ``lengths [B]`` are the prompt lengths (each row continues at its own position); ``cache``
+  is donated to the model calls. ``timing`` (``prefill_s``, ``prefill_cache_bytes``) is
+  passed through to the result.
+  """
+  b = len(lengths)
+  lengths = np.asarray(lengths, np.int32)
   key = jax.random.PRNGKey(seed)
   out: list[list[int]] = [[] for _ in range(b)]
   done = np.zeros(b, bool)
-  timing = dict(prefill_s=prefill_s, prefill_cache_bytes=prefill_cache_bytes)
   if max_new_tokens == 0:
     return GenerationResult(out, lengths.tolist(), cache, **timing)
   t0 = time.perf_counter()

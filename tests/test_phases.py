@@ -142,9 +142,26 @@ def test_unknown_method_and_task_fail_before_work(profile_path, tmp_path):
     phase1.run(_settings(tmp_path, profile_path, tasks=('passkee',)))
   with pytest.raises(app.UsageError, match='longbench_dir'):
     phase1.run(_settings(tmp_path, profile_path, tasks=('longbench/qasper',)))
-  with pytest.raises(app.UsageError, match='allowed'):
+  with pytest.raises(app.UsageError, match='field=value'):
     phase3.run(_settings(tmp_path, profile_path, methods=('headaware[nope]',)))
+  with pytest.raises(app.UsageError, match='allowed'):
+    phase3.run(_settings(tmp_path, profile_path, methods=('snapkv',)))
   assert not os.path.exists(os.path.join(tmp_path, 'phase1', results.RESULTS_FILE))
+
+
+def test_phase3_variant_labels_combine_fields():
+  """A label `headaware[a=x,b=y]` sets MethodSpec fields (aliases, named variants, shuffle);
+  bad fields, values and policy knobs are UsageErrors naming the label."""
+  cell = phase3.variant_cell('headaware[pool_kernel=13,sinks=4,uniform,shuffled]', 64,
+                             'passkey', 500)
+  assert (cell.spec.pool_kernel, cell.spec.n_sink, cell.spec.allocation) == (13, 4, 'uniform')
+  assert cell.shuffle_profile and cell.method.startswith('headaware[') and cell.budget == 64
+  assert phase3.variant_cell('headaware[pool_fraction=0.5]', 64, 'passkey', 500).spec \
+      .pool_fraction == 0.5
+  for label, match in (('headaware[foo=1]', 'field=value'), ('headaware[window=x]', 'int'),
+                       ('headaware[pool_kernel=4]', 'odd'), ('headaware[scope=global]', 'scope')):
+    with pytest.raises(app.UsageError, match=match):
+      phase3.variant_cell(label, 64, 'passkey', 500)
 
 
 def test_other_flags_refused_unless_overwrite(model, profile_path, tmp_path):
@@ -175,12 +192,42 @@ def test_phase0_oracle_and_phase2_budgets(model, profile_path, tmp_path, monkeyp
   assert budgets == {0, 32, 64}  # full, --budgets, the grid's
 
 
+def test_shared_prefill_records_equal_separate_runs(model, profile_path, tmp_path,
+                                                    monkeypatch):
+  """--shared_prefill: one prefill per (task, length, sample) gives each method/budget the
+  answer and cache bytes its own one-shot run gives; perplexity cells still run alone; a
+  chunk shorter than the prompt is refused (shared is one-shot eviction)."""
+  runner, tokenizer = model
+  monkeypatch.setitem(phase2.GRID_BUDGETS, 'quick', (64,))
+  kw = dict(methods=('full', 'h2o', 'headaware'), budgets=(40,),
+            tasks=('passkey', 'perplexity'), num_samples=2, chunk_size=LENGTH)
+  alone = _settings(tmp_path / 'alone', profile_path, **kw)
+  shared = _settings(tmp_path / 'shared', profile_path, shared_prefill=True, **kw)
+  for settings in (alone, shared):
+    phase2.run(settings, runner=runner, tokenizer=tokenizer, progress=False)
+  a, b = (_check_files(s.output_dir, 'phase2') for s in (alone, shared))
+  assert len(a) == len(b) == 2 * 2 * (1 + 2 * 2)  # tasks x samples x (full + 2 x 2 budgets)
+  key = lambda r: tuple(r[k] for k in results.KEY_FIELDS)
+  a, b = {key(r): r for r in a}, {key(r): r for r in b}
+  assert a.keys() == b.keys()
+  for k, r in b.items():
+    if k[1] == 'perplexity':
+      assert 'shared_prefill' not in r and r['perplexity'] == a[k]['perplexity']
+    else:
+      assert r['shared_prefill'] and r['status'] == 'ok', r
+      for field in ('generated', 'accuracy', 'cache_bytes', 'kv_tokens_mean'):
+        assert r[field] == a[k][field], (k, field)
+  with pytest.raises(app.UsageError, match='chunk_size'):
+    phase2.run(dataclasses.replace(shared, chunk_size=128, overwrite=True), runner=runner,
+               tokenizer=tokenizer, progress=False)
+
+
 def test_phase3_variants_and_phase4_report(model, profile_path, tmp_path):
   runner, tokenizer = model
   settings = _settings(tmp_path, profile_path, budget=48)
   profile = profile_lib.HeadProfile.load(profile_path)
-  every = phase3.cells(settings.with_defaults(phase3.GRIDS))
-  assert {c.method for c in every} == set(phase3.VARIANTS)
+  assert set(phase3.QUICK_VARIANTS) <= set(phase3.VARIANTS)
+  every = phase3.cells(dataclasses.replace(settings, methods=tuple(phase3.VARIANTS)))
   assert all(grid.skip_reason(c, runner.config, profile) is None for c in every)
   # Run the variants that change the budgets or the selection (compiles dominate the time).
   chosen = ('full', 'headaware', 'headaware[uniform]', 'headaware[shuffled]',
@@ -229,6 +276,9 @@ def test_flags_make_settings():
     assert settings.tasks is None and settings.chunk_size == 1024
     resolved = settings.with_defaults(phase1.GRIDS)
     assert resolved.tasks == phase1.GRIDS['quick']['tasks'] and resolved.budget == 128
+    flags.FLAGS(['phase3', '--methods=full,headaware[pool_kernel=13,sinks=4],headaware'])
+    assert exp_flags.settings_from_flags().methods == (
+        'full', 'headaware[pool_kernel=13,sinks=4]', 'headaware')
     flags.FLAGS(['phase1', '--lengths=1k'])
     with pytest.raises(app.UsageError, match='1k'):
       exp_flags.settings_from_flags()

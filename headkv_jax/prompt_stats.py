@@ -1,0 +1,212 @@
+"""Prefill once, compress many ways: one-shot eviction of one prompt under many policies.
+
+One-shot compression (SnapKV's setting, and the needle tables of HeadKV / Ada-KV) prefills the
+whole prompt with exact attention, then evicts once. The prompt's keys, values and the first
+new token are then the same for every method; only the per-slot statistic each policy ranks by
+differs. So a budget sweep need not prefill once per (method, budget): record the statistics
+of *every* policy in one prefill, then build each method's compressed cache from them::
+
+    cache = RecordingCache.create(dense_cache, window=32)      # wraps a DenseKVCache
+    logits, cache = model(prompt, positions, cache)             # one chunk: the whole prompt
+    small = compress_prompt(cache, budgets, policy, decode_chunk=1)   # per method, jit-able
+
+``compress_prompt`` fills a :class:`PagedKVCache` with the prompt and each token's statistic,
+then runs the cache's own ``rechunk`` (which evicts with the policy's own ``select_keep``), so
+the kept tokens are those the per-method path (``PagedKVCache.attend`` on the whole prompt,
+then ``compress``) keeps; ``tests/test_prompt_stats.py`` checks it on a tiny model.
+
+The statistics, per layer and query head (reduced to KV heads per policy, by its
+``gqa_reduce``):
+
+    accumulated  [B, Hkv, G, P]     attention each key received, summed over every prompt query
+                                    (H2O's score)
+    window       [B, Hkv, G, W, P]  attention of the last ``W`` real queries (oldest first);
+                                    the SnapKV family sums its last ``window <= W`` of them
+
+Only the "original" position mode is supported (keys stored rotated at their positions).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from headkv_jax import policies as policies_lib
+from headkv_jax.dense_cache import DenseKVCache
+from headkv_jax.paged_cache import PagedKVCache
+
+_NEG_INF = -1e30
+QUERY_BLOCK = 256  # queries per block when summing attention (bounds the logits' memory)
+
+
+def attention_stats(q, k, positions, window: int, query_block: int = QUERY_BLOCK):
+  """Per-key attention statistics of one causal prompt.
+
+  Args:
+    q: ``[B, T, Hq, D]`` queries rotated at their positions (unscaled).
+    k: ``[B, T, Hkv, D]`` keys rotated at their positions.
+    positions: ``[B, T]`` int32, ``-1`` for padding (a row's real tokens form a prefix).
+    window: ``W``, how many of each row's last real queries to keep separately.
+    query_block: queries per block of the accumulated sum.
+
+  Returns:
+    ``accumulated [B, Hkv, G, T]`` and ``window [B, Hkv, G, W, T]`` float32 probabilities
+    (softmax over the visible keys, as ``cache_attention.attention_over_cache``; padding
+    queries and the window slots of a row shorter than ``W`` contribute zeros).
+  """
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  g = hq // hkv
+  qg = (q.astype(jnp.float32) * d**-0.5).reshape(b, t, hkv, g, d)
+  qg = qg.transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
+  kt = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
+
+  def probs(q_blk, q_pos):  # [B, Hkv, G, Tb, D], [B, Tb] -> [B, Hkv, G, Tb, T]
+    kp = positions[:, None, None, None, :]
+    qp = q_pos[:, None, None, :, None]
+    mask = (kp >= 0) & (kp <= qp) & (qp >= 0)
+    logits = jnp.einsum("bhgtd,bhsd->bhgts", q_blk, kt, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask, logits, _NEG_INF)
+    p = jnp.where(mask, jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    return p / jnp.where(denom > 0, denom, 1.0)
+
+  # Accumulated: blocks of queries (padded with position -1, which contribute nothing).
+  nb = -(-t // query_block)
+  pad = nb * query_block - t
+  q_pad = jnp.pad(qg, ((0, 0),) * 3 + ((0, pad), (0, 0)))
+  pos_pad = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
+  q_blocks = q_pad.reshape(b, hkv, g, nb, query_block, d).transpose(3, 0, 1, 2, 4, 5)
+  pos_blocks = pos_pad.reshape(b, nb, query_block).transpose(1, 0, 2)
+
+  def add_block(total, blk):
+    return total + jnp.sum(probs(*blk), axis=3), None
+
+  accumulated, _ = jax.lax.scan(add_block, jnp.zeros((b, hkv, g, t), jnp.float32),
+                                (q_blocks, pos_blocks))
+
+  # Window: the last W real queries of each row, oldest first.
+  n_real = jnp.sum(positions >= 0, axis=1)  # [B]
+  idx = n_real[:, None] - window + jnp.arange(window)  # [B, W]
+  ok = idx >= 0
+  safe = jnp.clip(idx, 0, t - 1)
+  q_win = jnp.take_along_axis(qg, safe[:, None, None, :, None], axis=3)  # [B, Hkv, G, W, D]
+  pos_win = jnp.where(ok, jnp.take_along_axis(positions, safe, axis=1), -1)  # [B, W]
+  return accumulated, probs(q_win, pos_win)
+
+
+def slot_scores(policy: policies_lib.Policy, accumulated, window_probs):
+  """One layer's per-token statistic ``[B, Hkv, T]`` for ``policy`` (what its cache collects).
+
+  ``accumulated [B, Hkv, G, T]`` and ``window_probs [B, Hkv, G, W, T]`` come from
+  :func:`attention_stats`; the SnapKV family needs ``policy.window <= W``.
+  """
+  kind = policy.score_kind
+  if kind == "none":
+    return jnp.zeros(accumulated.shape[:2] + accumulated.shape[3:], jnp.float32)
+  if kind == "accumulate":
+    per = accumulated
+  else:
+    w = window_probs.shape[3]
+    if policy.window > w:
+      raise ValueError(f"Policy {policy.name!r} has window={policy.window} but only the last "
+                       f"{w} queries were recorded; record with window >= {policy.window}.")
+    per = jnp.sum(window_probs[:, :, :, w - policy.window:], axis=3)
+  return policies_lib.reduce_group(per, policy.gqa_reduce, axis=2)
+
+
+@flax.struct.dataclass
+class RecordingCache:
+  """A dense cache that also records each layer's :func:`attention_stats` (a pytree).
+
+  Drive it with one model call over the whole prompt (one-shot prefill); a second call would
+  record statistics of that call's queries only, so :func:`compress_prompt` refuses a cache
+  whose statistics do not cover every token it holds.
+
+  Attributes:
+    dense: the wrapped :class:`DenseKVCache` (attention and K/V storage).
+    accumulated, window_probs: per layer, the statistics (None before the layer ran).
+    window: ``W``, static.
+  """
+
+  dense: DenseKVCache
+  accumulated: tuple
+  window_probs: tuple
+  window: int = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, dense: DenseKVCache, window: int) -> "RecordingCache":
+    if window < 0:
+      raise ValueError(f"window must be >= 0, got {window}.")
+    n = len(dense.layers)
+    return cls(dense=dense, accumulated=(None,) * n, window_probs=(None,) * n,
+               window=int(window))
+
+  @property
+  def nbytes(self) -> int:
+    return self.dense.nbytes
+
+  def token_counts(self):
+    return self.dense.token_counts()
+
+  def attend(self, layer: int, q, k, v, positions, rope):
+    """The dense cache's attention, plus this call's statistics for ``layer``."""
+    out, dense = self.dense.attend(layer, q, k, v, positions, rope)
+    acc, win = attention_stats(rope.apply(q, positions), rope.apply(k, positions), positions,
+                               self.window)
+
+    def put(seq, x):
+      return seq[:layer] + (x,) + seq[layer + 1:]
+
+    return out, self.replace(dense=dense, accumulated=put(self.accumulated, acc),
+                             window_probs=put(self.window_probs, win))
+
+
+def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Policy, *,
+                    decode_chunk: int = 1, page_size: int = 16) -> PagedKVCache:
+  """The compressed cache ``policy`` keeps of a one-shot prefill, ready for decoding.
+
+  Args:
+    recorded: a :class:`RecordingCache` after one model call over the whole prompt.
+    budgets: ``[layers, Hkv]`` ints (or one int), as ``PagedKVCache.create``.
+    policy: any policy but "oracle" (it needs the answer's attention), in "original" mode.
+    decode_chunk: the returned cache's ``chunk_size`` (1 for token-by-token decoding).
+    page_size: slots per page.
+
+  Returns:
+    A :class:`PagedKVCache` holding each head's kept tokens (``rechunk(decode_chunk)``).
+  """
+  if policy.name == "oracle":
+    raise ValueError("compress_prompt cannot run policy 'oracle': it ranks by the answer's "
+                     "attention, which a prompt prefill does not see.")
+  if policy.position_mode != "original":
+    raise ValueError(f"compress_prompt supports position_mode='original' only, got "
+                     f"{policy.position_mode!r}.")
+  if any(a is None for a in recorded.accumulated):
+    raise ValueError("The recording cache has no statistics yet; run the prompt through the "
+                     "model first (one call, the whole prompt).")
+  layers = recorded.dense.layers
+  b, hkv, _, d = layers[0].k.shape
+  t = recorded.accumulated[0].shape[-1]  # tokens of the recorded call
+  cache = PagedKVCache.create(len(layers), b, hkv, d, budgets, policy, chunk_size=t,
+                              dtype=layers[0].k.dtype, page_size=page_size)
+  for i, lc in enumerate(layers):
+    scores = slot_scores(policy, recorded.accumulated[i], recorded.window_probs[i])
+    # The recorded call filled slots [0, t) of every row (padding holds position -1).
+    cache = cache.append(i, lc.k[:, :, :t], lc.v[:, :, :t], lc.positions[:, :t], scores)
+  return cache.rechunk(decode_chunk)
+
+
+def check_one_shot(recorded: RecordingCache) -> None:
+  """Raises if the recorded statistics miss tokens the dense cache holds (several calls)."""
+  held = int(np.max(np.asarray(recorded.dense.layers[0].lengths)))
+  seen = recorded.accumulated[0].shape[-1]
+  if held > seen:
+    raise ValueError(f"The cache holds {held} tokens but its statistics cover the last call's "
+                     f"{seen}; prefill the whole prompt in one call for shared compression.")
+
+
+__all__ = ["QUERY_BLOCK", "attention_stats", "slot_scores", "RecordingCache",
+           "compress_prompt", "check_one_shot"]

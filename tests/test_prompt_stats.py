@@ -1,0 +1,109 @@
+"""Prefill once, compress many: the shared path keeps and generates what each method alone does."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from headkv_jax import cache_attention
+from headkv_jax import methods
+from headkv_jax import profile as profile_lib
+from headkv_jax import prompt_stats
+from headkv_jax.dense_cache import DenseKVCache
+from models.config import LlamaConfig
+from models.generation import generate, method_hooks
+from models.llama import Llama
+from models.runner import ModelRunner
+from models.shared_prefill import generate_shared
+
+CFG = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_layers=3,
+                  num_heads=6, num_kv_heads=2, head_dim=8, max_position_embeddings=512)
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def runner():
+  return ModelRunner(Llama(CFG, rngs=nnx.Rngs(5)))
+
+
+@pytest.fixture(scope="module")
+def profile():
+  rng = np.random.default_rng(1)
+  return profile_lib.HeadProfile(
+      model_id="tiny", num_layers=3, num_kv_heads=2, num_q_heads=6,
+      scores={n: rng.random((3, 2)) for n in profile_lib.SCORE_NAMES},
+      roles=np.array([[0, 1], [2, 2], [2, 0]]))
+
+
+def _prompts():
+  rng = np.random.RandomState(2)
+  return [list(rng.randint(4, 97, n)) for n in (150, 97)]
+
+
+SPECS = [methods.MethodSpec("full"), methods.MethodSpec("snapkv", 40),
+         methods.MethodSpec("snapkv", 40, window=8, pool_kernel=3, gqa_reduce="max"),
+         methods.MethodSpec("h2o", 24), methods.MethodSpec("streamingllm", 24),
+         methods.MethodSpec("pyramidkv", 48), methods.MethodSpec("adakv", 40),
+         methods.MethodSpec("headaware", 40)]
+
+
+def test_shared_prefill_matches_each_method_alone(runner, profile):
+  """Per method: same generated tokens and the same kept positions per (layer, row, head) as
+  a one-shot prefill through that method's own cache (ragged batch of two prompts)."""
+  prompts = _prompts()
+  shared, shared_s = generate_shared(runner, prompts, NEW, SPECS, profiles=profile,
+                                     eos_ids=[])
+  assert shared_s > 0
+  for spec, got in zip(SPECS, shared):
+    hooks = method_hooks(spec, CFG, batch=2, prompt_len=max(map(len, prompts)),
+                         max_new_tokens=NEW, chunk_size=None, dtype=np.float32,
+                         profile=profile)
+    alone = generate(runner, prompts, NEW, eos_ids=[], **hooks)
+    assert got.tokens == alone.tokens, spec
+    if spec.name == "full":
+      continue
+    for layer in range(CFG.num_layers):
+      want, have = alone.cache.view(layer)[2], got.cache.view(layer)[2]  # positions
+      np.testing.assert_array_equal(np.sort(np.asarray(have), -1),
+                                    np.sort(np.asarray(want), -1), err_msg=str(spec))
+    assert got.cache.nbytes == alone.cache.nbytes
+
+
+def test_attention_stats_match_the_reference_probabilities():
+  """accumulated = column sums of the causal softmax over every real query; window = the rows
+  of the last W real queries (brute force via cache_attention, padding row included)."""
+  rng = np.random.RandomState(0)
+  b, t, hq, hkv, d, w = 2, 40, 4, 2, 8, 5
+  q = jnp.asarray(rng.randn(b, t, hq, d), jnp.float32)
+  k = jnp.asarray(rng.randn(b, t, hkv, d), jnp.float32)
+  pos = np.tile(np.arange(t), (b, 1)).astype(np.int32)
+  pos[1, 33:] = -1  # row 1 has 33 real tokens
+  pos = jnp.asarray(pos)
+  acc, win = prompt_stats.attention_stats(q, k, pos, w, query_block=16)
+  qg = q.reshape(b, t, hkv, 2, d).transpose(0, 2, 3, 1, 4)
+  kt = k.transpose(0, 2, 1, 3)
+  empty_k = jnp.zeros((b, hkv, 0, d))
+  _, probs = cache_attention.attention_over_cache(
+      qg, empty_k, empty_k, jnp.zeros((b, hkv, 0), jnp.int32), kt, kt, pos)
+  probs = np.asarray(probs)  # [B, Hkv, G, T, T]
+  np.testing.assert_allclose(np.asarray(acc), probs.sum(axis=3), rtol=1e-5, atol=1e-6)
+  for row, n in ((0, 40), (1, 33)):
+    np.testing.assert_allclose(np.asarray(win)[row], probs[row, :, :, n - w:n],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_compress_prompt_refuses_what_it_cannot_do():
+  """Clear errors: oracle, cache_relative, no statistics yet, a window larger than recorded."""
+  dense = DenseKVCache.create(1, 1, 2, 8, 64)
+  rec = prompt_stats.RecordingCache.create(dense, window=4)
+  from headkv_jax import policies
+  with pytest.raises(ValueError, match="oracle"):
+    prompt_stats.compress_prompt(rec, 8, policies.make_policy("oracle"))
+  with pytest.raises(ValueError, match="original"):
+    prompt_stats.compress_prompt(
+        rec, 8, policies.make_policy("streamingllm", position_mode="cache_relative"))
+  with pytest.raises(ValueError, match="no statistics"):
+    prompt_stats.compress_prompt(rec, 40, policies.make_policy("snapkv"))
+  acc, win = jnp.zeros((1, 2, 1, 16)), jnp.zeros((1, 2, 1, 4, 16))
+  with pytest.raises(ValueError, match="window=32"):
+    prompt_stats.slot_scores(policies.make_policy("snapkv"), acc, win)

@@ -52,7 +52,7 @@ _SHARED_PREFILL = flags.DEFINE_bool(
 
 def join_brackets(values):
   """Re-joins list items absl split inside brackets: ['a[x=1', 'y=2]', 'b'] -> ['a[x=1,y=2]', 'b']
-  (phase 3's variant labels `headaware[pool_kernel=13,sinks=4]` hold commas)."""
+  (phase 3's variant labels `headaware[pool_kernel=7,sinks=0]` hold commas)."""
   out, depth = [], 0
   for v in values:
     if depth > 0:

@@ -4,7 +4,7 @@
   python -m experiments.phase3 --methods=headaware,headaware[uniform] --budget=256
 
 `--methods` picks variants by label (VARIANTS, or combinations such as
-`headaware[pool_kernel=13,sinks=4]`, see `parse_variant`): head-aware allocation vs uniform budgets
+`headaware[pool_kernel=7,sinks=0]`, see `parse_variant`): head-aware allocation vs uniform budgets
 (= SnapKV selection) vs a shuffled profile vs roles-only allocation vs per-layer scope; the
 sink and observation-window components on/off; GQA reduction mean vs max; the SnapKV pooling
 kernel; the profile score the budgets follow; the share of the budget split by score; `full`
@@ -29,17 +29,17 @@ VARIANTS = {
     'headaware[shuffled]': ({}, True),
     'headaware[roles]': (dict(allocation='roles'), False),
     'headaware[layer_scope]': (dict(scope='layer'), False),
-    'headaware[sinks=4]': (dict(n_sink=4), False),
+    'headaware[sinks=0]': (dict(n_sink=0), False),
     'headaware[window=0]': (dict(window=0), False),
     'headaware[window=8]': (dict(window=8), False),
     'headaware[gqa=max]': (dict(gqa_reduce='max'), False),
-    'headaware[pool_kernel=13]': (dict(pool_kernel=13), False),
+    'headaware[pool_kernel=7]': (dict(pool_kernel=7), False),
     'headaware[score=retrieval]': (dict(score_name='retrieval'), False),
     'headaware[pool_fraction=0.5]': (dict(pool_fraction=0.5), False),
 }
 # The quick grid's components: allocation, profile, sinks, window, GQA reduction.
 QUICK_VARIANTS = ('full', 'headaware', 'headaware[uniform]', 'headaware[shuffled]',
-                  'headaware[roles]', 'headaware[sinks=4]', 'headaware[window=8]',
+                  'headaware[roles]', 'headaware[sinks=0]', 'headaware[pool_kernel=7]',
                   'headaware[gqa=max]')
 GRIDS = {
     'default': dict(methods=tuple(VARIANTS), lengths=(5000,), budget=512,
@@ -61,7 +61,7 @@ _LABEL = re.compile(r'headaware\[(.+)\]$')
 def parse_variant(label: str) -> tuple[dict, bool]:
   """(MethodSpec fields, shuffle) of a label: one of VARIANTS, or a combination written
   `headaware[field=value,...]` (fields of MethodSpec or FIELD_ALIASES; a bare `uniform`,
-  `roles` or `layer_scope` / `shuffled` as in VARIANTS), e.g. `headaware[pool_kernel=13,sinks=4]`.
+  `roles` or `layer_scope` / `shuffled` as in VARIANTS), e.g. `headaware[pool_kernel=7,sinks=0]`.
   """
   if label in VARIANTS:
     return VARIANTS[label]

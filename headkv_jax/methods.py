@@ -47,7 +47,7 @@ class MethodSpec:
     pool_fraction: share of the budget ``headkv`` allocation hands out by score.
     window: SnapKV observation / recent window (policy default when None).
     n_sink: sink tokens (policy default when None).
-    pool_kernel: SnapKV max-pool kernel.
+    pool_kernel: SnapKV max-pool kernel (policy default when None: 7, headaware 21).
     gqa_reduce: "mean" or "max" over a GQA group.
     position_mode: "original" or "cache_relative".
   """
@@ -60,7 +60,7 @@ class MethodSpec:
   pool_fraction: float = allocation_lib.HEADKV_POOL_FRACTION
   window: int | None = None
   n_sink: int | None = None
-  pool_kernel: int = 7
+  pool_kernel: int | None = None
   gqa_reduce: str = "mean"
   position_mode: str = "original"
 
@@ -77,8 +77,9 @@ class MethodSpec:
           f"Unknown scope {self.scope!r}; allowed: {', '.join(allocation_lib.SCOPES)}.")
 
   def policy(self) -> policies_lib.Policy:
-    overrides = dict(pool_kernel=self.pool_kernel, gqa_reduce=self.gqa_reduce,
-                     position_mode=self.position_mode)
+    overrides = dict(gqa_reduce=self.gqa_reduce, position_mode=self.position_mode)
+    if self.pool_kernel is not None:
+      overrides["pool_kernel"] = self.pool_kernel
     if self.window is not None:
       overrides["window"] = self.window
     if self.n_sink is not None:

@@ -59,6 +59,9 @@ POLICY_NAMES = (
 POSITION_MODES = ("original", "cache_relative")
 GQA_REDUCES = ("mean", "max")
 SNAPKV_FAMILY = ("snapkv", "pyramidkv", "adakv", "headaware")
+# headaware's defaults, tuned on needles at 2k tokens with SmolLM2-135M (see the README):
+# its many small heads keep the attention sinks, and a wider pool keeps the whole needle span.
+HEADAWARE_POOL_KERNEL = 21
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +72,11 @@ class Policy:
 
   Attributes:
     name: one of :data:`POLICY_NAMES`.
-    n_sink: first tokens every head keeps (streamingllm default 4, others 0).
+    n_sink: first tokens every head keeps (streamingllm and headaware default 4, others 0).
     window: recent / observation window (SnapKV family default 32, oracle 0; unused by
       streamingllm and h2o, whose recent part is derived from the budget).
-    pool_kernel: odd max-pool kernel along keys for the SnapKV family (default 7).
+    pool_kernel: odd max-pool kernel along keys for the SnapKV family (default 7; headaware
+      :data:`HEADAWARE_POOL_KERNEL`).
     gqa_reduce: how a GQA group's query heads reduce to their KV head: "mean" or "max".
     position_mode: "original" (keys stored rotated at their positions) or "cache_relative"
       (keys stored un-rotated and rotated by their slot at attention time, StreamingLLM).
@@ -140,8 +144,9 @@ class Policy:
 def make_policy(name: str, **overrides) -> Policy:
   """A :class:`Policy` with the defaults of ``name``; ``overrides`` set any field."""
   _check_choice("policy", name, POLICY_NAMES)
-  defaults = {"n_sink": 4 if name == "streamingllm" else 0,
-              "window": 0 if name == "oracle" else 32}
+  defaults = {"n_sink": 4 if name in ("streamingllm", "headaware") else 0,
+              "window": 0 if name == "oracle" else 32,
+              "pool_kernel": HEADAWARE_POOL_KERNEL if name == "headaware" else 7}
   defaults.update(overrides)
   return Policy(name=name, **defaults)
 
@@ -263,7 +268,8 @@ def reduce_group(x, gqa_reduce: str, axis: int):
 
 
 __all__ = [
-    "POLICY_NAMES", "POSITION_MODES", "GQA_REDUCES", "SNAPKV_FAMILY", "Policy", "make_policy",
+    "POLICY_NAMES", "POSITION_MODES", "GQA_REDUCES", "SNAPKV_FAMILY", "HEADAWARE_POOL_KERNEL",
+    "Policy", "make_policy",
     "pyramid_budgets", "recent_counts", "forced_mask", "max_pool", "priorities", "select_keep",
     "compact", "reduce_group",
 ]

@@ -285,11 +285,6 @@ def _shares_prefill(cell: Cell) -> bool:
 def _shared_units(pending: Sequence[tuple], by_key: dict, settings: Settings) -> list[list]:
   """Pending keys grouped per (task, length) where cells can share a prefill; every other key
   alone. Groups come first, in (task, length) order."""
-  longest = max((by_key[k[:4]].length for k in pending), default=0)
-  if settings.chunk_size < longest:
-    raise app.UsageError(
-        f'--shared_prefill is one-shot eviction: it needs --chunk_size >= the longest prompt '
-        f'({longest} tokens). Got --chunk_size={settings.chunk_size}.')
   groups: dict[tuple, list] = {}
   alone = []
   for key in pending:
@@ -297,6 +292,11 @@ def _shared_units(pending: Sequence[tuple], by_key: dict, settings: Settings) ->
       groups.setdefault((key[1], key[2]), []).append(key)
     else:
       alone.append([key])
+  longest = max((length for _, length in groups), default=0)
+  if settings.chunk_size < longest:
+    raise app.UsageError(
+        f'--shared_prefill is one-shot eviction: it needs --chunk_size >= the longest prompt '
+        f'({longest} tokens). Got --chunk_size={settings.chunk_size}.')
   return [groups[g] for g in sorted(groups)] + alone
 
 

@@ -33,6 +33,7 @@ from experiments import results
 from experiments import tasks as tasks_lib
 from headkv_jax import methods
 from headkv_jax import profile as profile_lib
+from models import shared_prefill
 
 GRID_NAMES = ('default', 'quick', 'paper')
 PERPLEXITY_TASK = 'perplexity'
@@ -277,35 +278,32 @@ def _run_sample(key: tuple, cell: Cell, runner, tokenizer, settings: Settings, p
 
 
 def _shares_prefill(cell: Cell) -> bool:
-  from models import shared_prefill  # pylint: disable=g-import-not-at-top
-
   return cell.task != PERPLEXITY_TASK and shared_prefill.supports(cell.spec)
 
 
-def _shared_units(pending: Sequence[tuple], by_key: dict, settings: Settings) -> list[list]:
-  """Pending keys grouped per (task, length) where cells can share a prefill; every other key
-  alone. Groups come first, in (task, length) order."""
+def _shared_units(pending: Sequence[tuple], by_key: dict,
+                  settings: Settings) -> list[tuple[list, bool]]:
+  """`(keys, shared)` work units: the pending keys grouped per (task, length) where cells can
+  share a prefill (first, in (task, length) order), then every other key alone."""
   groups: dict[tuple, list] = {}
   alone = []
   for key in pending:
     if _shares_prefill(by_key[key[:4]]):
       groups.setdefault((key[1], key[2]), []).append(key)
     else:
-      alone.append([key])
+      alone.append(([key], False))
   longest = max((length for _, length in groups), default=0)
   if settings.chunk_size < longest:
     raise app.UsageError(
         f'--shared_prefill is one-shot eviction: it needs --chunk_size >= the longest prompt '
         f'({longest} tokens). Got --chunk_size={settings.chunk_size}.')
-  return [groups[g] for g in sorted(groups)] + alone
+  return [(groups[g], True) for g in sorted(groups)] + alone
 
 
 def _run_shared(keys: Sequence[tuple], by_key: dict, runner, tokenizer, settings: Settings,
                 profiles: dict, write: Callable[[dict], None]) -> None:
   """Records of `keys` (one task and length): each sample prefilled once, then each cell run
   over the held prefills (one compile per cell), at most SHARED_BYTES of prefills at a time."""
-  from models import shared_prefill  # pylint: disable=g-import-not-at-top
-
   keyset = set(keys)
   cells = list({k[:4]: by_key[k[:4]] for k in keys}.values())
   first = cells[0]
@@ -397,11 +395,11 @@ def run_grid(phase: str, cells: Sequence[Cell], settings: Settings, *, runner=No
     previous = None
     pending = [k for k in keys if k not in done]
     units = (_shared_units(pending, by_key, settings) if settings.shared_prefill
-             and evaluate_fn is None else [[k] for k in pending])
-    for unit, advance in results.iter_units(units, len(keys), desc=phase,
-                                            disable=progress is False):
+             and evaluate_fn is None else [([k], False) for k in pending])
+    for (unit, is_shared), advance in results.iter_units(
+        units, len(keys), desc=phase, disable=progress is False, size=lambda u: len(u[0])):
       cell = by_key[unit[0][:4]]
-      compiled = cell.key(0)[1:3] if len(unit) > 1 else cell  # what shares executables
+      compiled = cell.key(0)[1:3] if is_shared else cell  # what shares executables
       if previous is not None and compiled != previous:
         # Each cell compiles its own cache shapes; dropping the last cell's executables keeps
         # a long grid under the process's memory-map limit (LLVM fails to map code otherwise).
@@ -416,7 +414,7 @@ def run_grid(phase: str, cells: Sequence[Cell], settings: Settings, *, runner=No
           writer.record_skipped(key, reasons[c])
         else:
           runnable.append(key)
-      if len(unit) > 1 and runnable:
+      if is_shared and runnable:
 
         def write(record):
           writer.write(record)

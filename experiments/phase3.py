@@ -72,7 +72,7 @@ def parse_variant(label: str) -> tuple[dict, bool]:
   fields, shuffle = {}, False
   for part in match.group(1).split(','):
     part = part.strip()
-    if f'headaware[{part}]' in VARIANTS and '=' not in part or part == 'shuffled':
+    if '=' not in part and f'headaware[{part}]' in VARIANTS:
       more, more_shuffle = VARIANTS[f'headaware[{part}]']
       fields.update(more)
       shuffle |= more_shuffle

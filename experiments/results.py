@@ -30,7 +30,7 @@ import os
 import platform
 import resource
 import sys
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 import tqdm
@@ -279,15 +279,17 @@ def grid_keys(methods: Iterable[str], tasks: Iterable[str], lengths: Iterable[in
   return list(itertools.product(methods, tasks, lengths, budgets, range(num_samples)))
 
 
-def iter_units(units: Sequence[Sequence[tuple]], total: int, desc: str = '',
-               disable: bool | None = None) -> Iterator[tuple[Sequence[tuple], Any]]:
-  """Yields `(group of pending keys, advance)` with a tqdm bar over all `total` keys (ETA).
+def iter_units(units: Sequence[Any], total: int, desc: str = '',
+               disable: bool | None = None,
+               size: Callable[[Any], int] = len) -> Iterator[tuple[Any, Any]]:
+  """Yields `(unit, advance)` with a tqdm bar over all `total` keys (ETA); a unit holds
+  `size(unit)` pending keys (default: a unit is a group of keys).
 
   The bar starts at the keys already done; `advance(n)` moves it as the caller finishes keys
-  of the group, and whatever the caller did not report is added once the group is done.
+  of the unit, and whatever the caller did not report is added once the unit is done.
   """
   units = list(units)
-  pending = sum(len(u) for u in units)
+  pending = sum(size(u) for u in units)
   with tqdm.tqdm(total=total, initial=total - pending, desc=desc, unit='sample',
                  disable=disable, dynamic_ncols=True) as bar:
     for unit in units:
@@ -298,7 +300,7 @@ def iter_units(units: Sequence[Sequence[tuple]], total: int, desc: str = '',
         bar.update(n)
 
       yield unit, advance
-      bar.update(max(len(unit) - moved[0], 0))
+      bar.update(max(size(unit) - moved[0], 0))
 
 
 def iter_pending(keys: Iterable[tuple], done: set[tuple], desc: str = '',

@@ -21,6 +21,14 @@ import jax.numpy as jnp
 _NEG_INF = -1e30
 
 
+def masked_softmax(logits, mask):
+  """Softmax over the last axis of the visible entries; a row with none visible is all 0."""
+  logits = jnp.where(mask, logits, _NEG_INF)
+  p = jnp.where(mask, jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  return p / jnp.where(denom > 0, denom, 1.0)
+
+
 def attention_over_cache(q, k_cached, v_cached, cached_positions, k_new, v_new, positions):
   """Softmax attention of new queries over cached + new keys.
 
@@ -49,11 +57,7 @@ def attention_over_cache(q, k_cached, v_cached, cached_positions, k_new, v_new, 
       jnp.einsum("bhgtd,bhsd->bhgts", qf, k_cached, preferred_element_type=jnp.float32),
       jnp.einsum("bhgtd,bhsd->bhgts", qf, k_new, preferred_element_type=jnp.float32),
   ], axis=-1)
-  logits = jnp.where(mask, logits, _NEG_INF)  # [B, Hkv, G, T, C+T]
-  m = jnp.max(logits, axis=-1, keepdims=True)
-  p = jnp.where(mask, jnp.exp(logits - m), 0.0)
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  probs = p / jnp.where(denom > 0, denom, 1.0)
+  probs = masked_softmax(logits, mask)  # [B, Hkv, G, T, C+T]
   out = (jnp.einsum("bhgts,bhsd->bhgtd", probs[..., :num_cached], v_cached,
                     preferred_element_type=jnp.float32)
          + jnp.einsum("bhgts,bhsd->bhgtd", probs[..., num_cached:], v_new,
@@ -97,4 +101,4 @@ def paged_decode_attention_reference(q, k_pages, v_pages, lengths, page_table):
   return out.reshape(b, hq, d), lse.reshape(b, hq)
 
 
-__all__ = ["attention_over_cache", "paged_decode_attention_reference"]
+__all__ = ["masked_softmax", "attention_over_cache", "paged_decode_attention_reference"]

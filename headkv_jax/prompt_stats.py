@@ -33,11 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from headkv_jax import cache_attention
 from headkv_jax import policies as policies_lib
 from headkv_jax.dense_cache import DenseKVCache
 from headkv_jax.paged_cache import PagedKVCache
 
-_NEG_INF = -1e30
 QUERY_BLOCK = 256  # queries per block when summing attention (bounds the logits' memory)
 
 
@@ -68,10 +68,7 @@ def attention_stats(q, k, positions, window: int, query_block: int = QUERY_BLOCK
     qp = q_pos[:, None, None, :, None]
     mask = (kp >= 0) & (kp <= qp) & (qp >= 0)
     logits = jnp.einsum("bhgtd,bhsd->bhgts", q_blk, kt, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask, logits, _NEG_INF)
-    p = jnp.where(mask, jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    return p / jnp.where(denom > 0, denom, 1.0)
+    return cache_attention.masked_softmax(logits, mask)
 
   # Accumulated: blocks of queries (padded with position -1, which contribute nothing).
   nb = -(-t // query_block)
@@ -122,7 +119,7 @@ class RecordingCache:
   """A dense cache that also records each layer's :func:`attention_stats` (a pytree).
 
   Drive it with one model call over the whole prompt (one-shot prefill); a second call would
-  record statistics of that call's queries only, so :func:`compress_prompt` refuses a cache
+  record statistics of that call's queries only, so :func:`check_one_shot` refuses a cache
   whose statistics do not cover every token it holds.
 
   Attributes:

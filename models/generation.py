@@ -80,6 +80,25 @@ def pad_batch(prompts: Sequence[Sequence[int]], length: int):
   return tokens, positions
 
 
+@dataclasses.dataclass
+class Prefilled:
+  """What :func:`prefill` returns: the cache after the prompt and each row's first logits.
+
+  Attributes:
+    cache: the cache holding the prompts (after ``after_prefill``).
+    last_logits: ``[B, V]`` logits at each row's last prompt token.
+    lengths: ``[B]`` prompt lengths.
+    prefill_s: prompt processing time, compression included.
+    prefill_cache_bytes: cache bytes held during prefill (before ``after_prefill``).
+  """
+
+  cache: object
+  last_logits: jax.Array
+  lengths: np.ndarray
+  prefill_s: float
+  prefill_cache_bytes: int
+
+
 def generate(
     runner: ModelRunner,
     prompts: Sequence[Sequence[int]],
@@ -97,12 +116,37 @@ def generate(
 ) -> GenerationResult:
   """Generates up to ``max_new_tokens`` for each prompt; stops a row at EOS."""
   cfg = runner.config
+  eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
+  done = prefill(runner, prompts, max_new_tokens, make_cache=make_cache,
+                 chunk_size=chunk_size, after_prefill_chunk=after_prefill_chunk,
+                 after_prefill=after_prefill, allow_long_context=allow_long_context)
+  return decode(runner, done.cache, done.last_logits, done.lengths, max_new_tokens,
+                sampling=sampling, seed=seed, eos=eos, after_decode_step=after_decode_step,
+                prefill_s=done.prefill_s, prefill_cache_bytes=done.prefill_cache_bytes)
+
+
+def prefill(
+    runner: ModelRunner,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    make_cache: Callable[[int, int], object] | None = None,
+    chunk_size: int | None = None,
+    after_prefill_chunk: Callable[[object], object] | None = None,
+    after_prefill: Callable[[object], object] | None = None,
+    allow_long_context: bool = False,
+) -> Prefilled:
+  """Runs the prompts through the model, whole (``chunk_size=None``) or in chunks.
+
+  ``make_cache(batch, capacity)`` gets room for the bucketed prompts plus ``max_new_tokens``
+  (the dense cache by default); the hooks run after each chunk and after the last one.
+  """
+  cfg = runner.config
   if max_new_tokens < 0:
     raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
   if chunk_size is not None and chunk_size <= 0:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
   check_prompts(prompts, cfg.max_position_embeddings, max_new_tokens, allow_long_context)
-  eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
   b = len(prompts)
   lengths = np.array([len(p) for p in prompts], np.int32)
   padded = _round_up(int(lengths.max()), BUCKET)
@@ -131,11 +175,7 @@ def generate(
   if after_prefill is not None:
     cache = after_prefill(cache)
   jax.block_until_ready((last_logits, cache))
-  prefill_s = time.perf_counter() - t0
-
-  timing = dict(prefill_s=prefill_s, prefill_cache_bytes=prefill_cache_bytes)
-  return decode(runner, cache, last_logits, lengths, max_new_tokens, sampling=sampling,
-                seed=seed, eos=eos, after_decode_step=after_decode_step, **timing)
+  return Prefilled(cache, last_logits, lengths, time.perf_counter() - t0, prefill_cache_bytes)
 
 
 def decode(runner: ModelRunner, cache, last_logits, lengths, max_new_tokens: int, *,

@@ -30,7 +30,6 @@ import numpy as np
 
 from headkv_jax import methods as methods_lib
 from headkv_jax import prompt_stats
-from headkv_jax.dense_cache import DenseKVCache
 from models import generation
 from models import sampling as sampling_lib
 from models.runner import ModelRunner
@@ -41,12 +40,17 @@ def supports(spec: methods_lib.MethodSpec) -> bool:
   return spec.name != "oracle" and spec.position_mode == "original"
 
 
-def record_window(specs: Sequence[methods_lib.MethodSpec]) -> int:
-  """How many last queries a shared prefill must record for ``specs`` (their largest window)."""
+def check_supported(specs: Sequence[methods_lib.MethodSpec]) -> None:
+  """Raises ValueError naming the specs that cannot share a prefill (see :func:`supports`)."""
   bad = [s.name for s in specs if not supports(s)]
   if bad:
     raise ValueError(f"Methods {bad} cannot share a prefill (the oracle needs the answer's "
                      "attention; cache_relative positions need un-rotated keys).")
+
+
+def record_window(specs: Sequence[methods_lib.MethodSpec]) -> int:
+  """How many last queries a shared prefill must record for ``specs`` (their largest window)."""
+  check_supported(specs)
   return max([s.policy().window for s in specs if s.policy().score_kind == "window"] or [0])
 
 
@@ -77,24 +81,17 @@ def prefill(runner: ModelRunner, prompts: Sequence[Sequence[int]], max_new_token
             window: int, allow_long_context: bool = False) -> SharedPrefill:
   """Prefills ``prompts`` once (one call) recording the last ``window`` queries' attention."""
   cfg = runner.config
-  if max_new_tokens < 0:
-    raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
-  generation.check_prompts(prompts, cfg.max_position_embeddings, max_new_tokens,
-                           allow_long_context)
-  lengths = np.array([len(p) for p in prompts], np.int32)
-  t0 = time.perf_counter()
-  padded = generation._round_up(int(lengths.max()), generation.BUCKET)
-  dense = DenseKVCache.create(
-      cfg.num_layers, len(prompts), cfg.num_kv_heads, cfg.head_dim,
-      generation._round_up(padded + max_new_tokens, generation.BUCKET), runner.model.dtype)
-  tokens, positions = generation.pad_batch(prompts, padded)
-  logits, recorded = runner.forward(tokens, positions,
-                                    prompt_stats.RecordingCache.create(dense, window),
-                                    last_only=True)
-  jax.block_until_ready((logits, recorded))
-  shared_s = time.perf_counter() - t0
-  prompt_stats.check_one_shot(recorded)
-  return SharedPrefill(recorded, logits, lengths, max_new_tokens, shared_s)
+
+  def make_cache(batch, capacity):
+    dense = generation._dense_cache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                    runner.model.dtype, batch, capacity)
+    return prompt_stats.RecordingCache.create(dense, window)
+
+  done = generation.prefill(runner, prompts, max_new_tokens, make_cache=make_cache,
+                            allow_long_context=allow_long_context)
+  prompt_stats.check_one_shot(done.cache)
+  return SharedPrefill(done.cache, done.last_logits, done.lengths, max_new_tokens,
+                       done.prefill_s)
 
 
 def generate_from(runner: ModelRunner, shared: SharedPrefill, spec: methods_lib.MethodSpec,
@@ -108,8 +105,7 @@ def generate_from(runner: ModelRunner, shared: SharedPrefill, spec: methods_lib.
   decodes from a copy of the dense cache.
   """
   cfg = runner.config
-  if not supports(spec):
-    record_window([spec])  # raises the explanation
+  check_supported([spec])
   eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
   run = functools.partial(
       generation.decode, runner, last_logits=shared.logits, lengths=shared.lengths,
@@ -168,5 +164,5 @@ def generate_shared(
   return results, shared.prefill_s
 
 
-__all__ = ["supports", "record_window", "SharedPrefill", "prefill", "generate_from",
+__all__ = ["supports", "check_supported", "record_window", "SharedPrefill", "prefill", "generate_from",
            "generate_shared"]

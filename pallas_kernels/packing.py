@@ -1,0 +1,65 @@
+"""Bit packing of quantization codes: the one definition the cache and the kernels share.
+
+Codes of ``bits`` in {2, 4, 8} are packed along the last axis into uint8, ``n = 8 // bits``
+codes a byte, in a *planar* layout: byte ``i`` of a packed row of ``D // n`` bytes holds codes
+``i, i + D/n, i + 2 D/n, ...`` at bit offsets ``0, bits, 2 bits, ...``::
+
+    packed[..., i] = sum_j code[..., j * (D // n) + i] << (j * bits)
+
+so unpacking is ``n`` shifts and masks whose results are *concatenated* (no interleave), and a
+kernel can skip even that by splitting the query into the ``n`` matching chunks of ``D // n``
+channels (:func:`unpack_planes`). Everything here is plain ``jnp`` on values, so it runs inside
+a Pallas kernel on loaded blocks as well as under ``jit``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+PACKED_BITS = (2, 4, 8)
+
+
+def codes_per_byte(bits: int) -> int:
+  """How many ``bits``-bit codes one uint8 holds (raises for bits outside PACKED_BITS)."""
+  if bits not in PACKED_BITS:
+    raise ValueError(f"Packed codes have bits in {list(PACKED_BITS)}; got {bits}.")
+  return 8 // bits
+
+
+def packed_width(dim: int, bits: int) -> int:
+  """Bytes of one packed row of ``dim`` codes; ``dim`` must be a multiple of ``8 // bits``."""
+  n = codes_per_byte(bits)
+  if dim % n:
+    raise ValueError(f"A row of {dim} codes cannot be packed at {bits} bits: {dim} is not a "
+                     f"multiple of {n} codes per byte.")
+  return dim // n
+
+
+def pack(codes, bits: int):
+  """``codes [..., D]`` ints in ``[0, 2**bits)`` -> uint8 ``[..., D * bits // 8]`` (planar)."""
+  n = codes_per_byte(bits)
+  width = packed_width(codes.shape[-1], bits)
+  codes = codes.astype(jnp.uint8)
+  out = codes[..., :width]
+  for j in range(1, n):
+    out = out | (codes[..., j * width:(j + 1) * width] << (j * bits))
+  return out
+
+
+def unpack_planes(packed, bits: int):
+  """uint8 ``[..., W]`` -> the ``8 // bits`` planes of codes, each uint8 ``[..., W]``.
+
+  Plane ``j`` holds the codes of channels ``[j * W, (j + 1) * W)``.
+  """
+  n = codes_per_byte(bits)
+  mask = (1 << bits) - 1
+  return [(packed >> (j * bits)) & mask for j in range(n)]
+
+
+def unpack(packed, bits: int):
+  """Inverse of :func:`pack`: uint8 ``[..., W]`` -> uint8 codes ``[..., W * 8 // bits]``."""
+  planes = unpack_planes(packed, bits)
+  return planes[0] if len(planes) == 1 else jnp.concatenate(planes, axis=-1)
+
+
+__all__ = ["PACKED_BITS", "codes_per_byte", "packed_width", "pack", "unpack_planes", "unpack"]

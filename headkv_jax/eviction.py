@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from headkv_jax import policies as policies_lib
 from headkv_jax import slot_pool
+from headkv_jax import slot_store
 
 
 def compress(cache, oracle_scores: Sequence[jnp.ndarray] | None = None,
@@ -67,10 +68,14 @@ def oracle_slot_scores(oracle, positions, num_kv_heads: int, gqa_reduce: str):
 
 
 def compress_layer(cache, layer: int, oracle=None):
-  """Applies the policy to one layer -> its new ``LayerCache``."""
+  """Applies the policy to one layer -> its new ``LayerCache``.
+
+  The policy reads positions and scores only; K/V move as stored (codes with their scales),
+  so a survivor's dequantized K/V are unchanged.
+  """
   lc = cache.layers[layer]
-  num_slots = lc.k.shape[1]
-  kc, vc, pc, sc, view_idx = cache.view(layer)  # [B, Hkv, C, ...]
+  num_slots = lc.positions.shape[1]
+  pc, sc, view_idx = cache.slot_view(layer)  # [B, Hkv, C]
   if oracle is not None:
     sc = oracle_slot_scores(oracle, pc, cache.num_kv_heads, cache.policy.gqa_reduce)
   keep = policies_lib.select_keep(cache.policy, sc, lc.lengths, cache.budgets[layer])
@@ -78,27 +83,32 @@ def compress_layer(cache, layer: int, oracle=None):
   c = jnp.arange(idx.shape[-1], dtype=jnp.int32)
   kept = c < lengths[:, :, None]  # [B, Hkv, C]
 
-  def take(x, empty):  # survivors to the front, the rest emptied
-    x = jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=2)
-    return jnp.where(kept.reshape(kept.shape + (1,) * (x.ndim - 3)), x, empty)
+  def take(x, empty, heads=slice(None)):  # survivors to the front, the rest emptied
+    i, k = idx[:, heads], kept[:, heads]
+    x = jnp.take_along_axis(x, i.reshape(i.shape + (1,) * (x.ndim - 3)), axis=2)
+    return jnp.where(k.reshape(k.shape + (1,) * (x.ndim - 3)), x, empty)
 
-  kept_k, kept_v, kept_pos, kept_sc = take(kc, 0), take(vc, 0), take(pc, -1), take(sc, 0.0)
+  raw = [slot_store.tree(lambda x, h=cls.heads: take(x, 0, h), kv)
+         for cls, kv in zip(cache.classes(layer), cache.raw_view(layer, view_idx))]
+  kept_pos, kept_sc = take(pc, -1), take(sc, 0.0)
   if view_idx is None:  # uniform fixed regions: the view *is* the pool
-    return lc.replace(k=kept_k.reshape(lc.k.shape), v=kept_v.reshape(lc.v.shape),
+    (k, v), = raw
+    flat = lambda x, like: x.reshape(like.shape)
+    return lc.replace(k=(slot_store.tree(flat, k, lc.k[0]),),
+                      v=(slot_store.tree(flat, v, lc.v[0]),),
                       positions=kept_pos.reshape(lc.positions.shape),
                       scores=kept_sc.reshape(lc.scores.shape), lengths=lengths)
   offsets = lc.offsets
   if cache.policy.adaptive:  # head sizes changed: re-pack the regions
     offsets = slot_pool.region_starts(lengths, cache.chunk_size, cache.page_size)  # [B, Hkv]
   target = jnp.where(kept, offsets[:, :, None] + c, num_slots)  # [B, Hkv, C]
-  return lc.replace(
-      k=slot_pool.scatter(jnp.zeros_like(lc.k), target, kept_k),
-      v=slot_pool.scatter(jnp.zeros_like(lc.v), target, kept_v),
+  new = lc.replace(
       positions=slot_pool.scatter(jnp.full_like(lc.positions, -1), target, kept_pos),
       scores=slot_pool.scatter(jnp.zeros_like(lc.scores), target, kept_sc),
       offsets=offsets,
       lengths=lengths,
   )
+  return cache.write_kv(layer, new, raw, target)
 
 
 __all__ = ["compress", "needs_eviction", "oracle_slot_scores", "compress_layer"]

@@ -162,7 +162,8 @@ class RecordingCache:
 
 
 def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Policy, *,
-                    decode_chunk: int = 1, page_size: int = 16) -> PagedKVCache:
+                    decode_chunk: int = 1, page_size: int = 16, bits=None,
+                    residual: int | None = None) -> PagedKVCache:
   """The compressed cache ``policy`` keeps of a one-shot prefill, ready for decoding.
 
   Args:
@@ -171,6 +172,8 @@ def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Poli
     policy: any policy but "oracle" (it needs the answer's attention), in "original" mode.
     decode_chunk: the returned cache's ``chunk_size`` (1 for token-by-token decoding).
     page_size: slots per page.
+    bits: per-head storage bits as ``PagedKVCache.create`` takes them (None: 16).
+    residual: full-precision recent tokens of a quantized head (None: the cache default).
 
   Returns:
     A :class:`PagedKVCache` holding each head's kept tokens (``rechunk(decode_chunk)``).
@@ -188,7 +191,8 @@ def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Poli
   b, hkv, _, d = layers[0].k.shape
   t = recorded.accumulated[0].shape[-1]  # tokens of the recorded call
   cache = PagedKVCache.create(len(layers), b, hkv, d, budgets, policy, chunk_size=t,
-                              dtype=layers[0].k.dtype, page_size=page_size)
+                              dtype=layers[0].k.dtype, page_size=page_size, bits=bits,
+                              **({} if residual is None else {'residual': residual}))
   for i, lc in enumerate(layers):
     scores = slot_scores(policy, recorded.accumulated[i], recorded.window_probs[i])
     # The recorded call filled slots [0, t) of every row (padding holds position -1).

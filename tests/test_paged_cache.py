@@ -228,10 +228,10 @@ def test_gqa_stores_kv_heads_only():
   positions = jnp.arange(t, dtype=jnp.int32)[None]
   cache = PagedKVCache.create(layers, batch, hkv, D, 16, "h2o", chunk_size=t,
                               dtype=jnp.float32, page_size=4)
-  slots = cache.layers[0].k.shape[1]
+  slots = cache.layers[0].k[0].shape[1]
   # Three KV heads' budgets + one chunk each, page rounded; nothing per query head.
   assert slots == 3 * 28 < 9 * 16
-  assert cache.layers[0].k.shape == (batch, slots, D)
+  assert cache.layers[0].k[0].shape == (batch, slots, D)
   outs, cache = run_stack(cache, stack, positions, [(0, t)])
   np.testing.assert_allclose(outs[0], dense_reference(*stack[0], positions), atol=1e-5)
   assert cache.logical_tokens.shape == (layers, batch, hkv)
@@ -294,7 +294,7 @@ def test_jit_decode_matches_eager():
      r"budgets must have shape \[layers, kv_heads\] = \[2, 3\], got \[3, 2\]"),
     ({"chunk_size": 0}, "chunk_size must be positive, got 0"),
     ({"page_size": -4}, "page_size must be positive, got -4"),
-    ({"bits": np.full((2, 3), 4)}, r"Unsupported bits \[4\]; supported now: \[16\]"),
+    ({"bits": np.full((2, 3), 3)}, r"Unsupported bits \[3\]; allowed: \[16, 8, 4, 2\]"),
 ])
 def test_create_errors(kwargs, match):
   args = {"budgets": 8, "policy": "h2o", "chunk_size": 4} | kwargs
@@ -419,7 +419,7 @@ def test_pyramidkv_int_budget_falls_with_depth():
                               chunk_size=8)
   per_layer = [b[0] for b in cache.budgets]
   assert sum(per_layer) == 4 * 64 and per_layer == sorted(per_layer, reverse=True)
-  sizes = [l.k.shape[1] for l in cache.layers]
+  sizes = [l.k[0].shape[1] for l in cache.layers]
   assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
 
 
@@ -431,7 +431,7 @@ def test_bfloat16_pages_stay_close_to_float32():
   for dtype in (jnp.float32, jnp.bfloat16):
     cache = PagedKVCache.create(layers, batch, hkv, D, 8, policies.make_policy("snapkv", window=2),
                                 chunk_size=6, dtype=dtype, page_size=4)
-    assert cache.layers[0].k.dtype == dtype
+    assert cache.layers[0].k[0].dtype == dtype
     for s in (0, 6):
       o, cache = jit_step(cache, [tuple(x[:, s:s + 6] for x in stack[0])], positions[:, s:s + 6],
                           ROPE)

@@ -1,0 +1,229 @@
+"""HAQ-KV storage: quantize/pack round trips, attention over quantized slots vs a dequantized
+reference, kept tokens that never change, analytic bytes, and the errors that name the fix."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from headkv_jax import policies
+from headkv_jax import quantization
+from headkv_jax import slot_store
+from headkv_jax.paged_cache import PagedKVCache
+from pallas_kernels import packing
+from tests.test_paged_cache import D, ROPE, jit_step, random_stack, run_stack, spans
+
+
+# ---- the format -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", packing.PACKED_BITS)
+def test_pack_unpack_is_a_bijection(bits):
+  """Every code pattern survives pack -> unpack, and packing distinct codes never collides."""
+  rng = np.random.default_rng(bits)
+  codes = rng.integers(0, 2**bits, size=(5, 7, 64), dtype=np.uint8)
+  packed = packing.pack(jnp.asarray(codes), bits)
+  assert packed.shape == (5, 7, 64 * bits // 8) and packed.dtype == jnp.uint8
+  np.testing.assert_array_equal(packing.unpack(packed, bits), codes)
+  # Every byte value is reachable and decodes back to itself (a bijection on bytes).
+  every = jnp.arange(256, dtype=jnp.uint8)[None, :]
+  np.testing.assert_array_equal(packing.pack(packing.unpack(every, bits), bits), every)
+
+
+@pytest.mark.parametrize("bits", quantization.QUANT_BITS)
+def test_round_trip_error_within_half_a_scale(bits):
+  """|x - x^| <= scale / 2 per element for keys (per channel) and values (per token group),
+  with absmax outliers and constant groups included; never NaN."""
+  rng = np.random.default_rng(10 + bits)
+  x = rng.normal(size=(3, 16, 64)).astype(np.float32)
+  x[0, 3, 5] = 40.0  # an outlier channel value
+  x[1, :, 7] = 0.25  # a constant key channel
+  x[2, 4, :32] = -1.5  # a constant value group
+  x = jnp.asarray(x)
+  codes, scale, zero = quantization.quantize_keys(x, bits)
+  err = jnp.abs(quantization.dequantize_keys(codes, scale, zero, bits) - x)
+  assert scale.dtype == jnp.float16 and codes.shape == (3, 16, 64 * bits // 8)
+  assert bool(jnp.all(err <= scale[:, None, :].astype(jnp.float32) / 2 + 1e-6))
+  codes, scale, zero = quantization.quantize_values(x, bits, 32)
+  back = quantization.dequantize_values(codes, scale, zero, bits, 32)
+  per = jnp.repeat(scale.astype(jnp.float32), 32, axis=-1)
+  assert bool(jnp.all(jnp.abs(back - x) <= per / 2 + 1e-6))
+  assert bool(jnp.all(jnp.isfinite(back))) and float(jnp.max(jnp.abs(back[2, 4, :32] + 1.5))) < 1e-3
+
+
+def test_effective_bits_formula():
+  assert quantization.effective_bits(4, 32) == 5.0
+  assert quantization.effective_bits(2, 64) == 2.5
+  assert quantization.effective_bits(16, 32, jnp.bfloat16) == 16.0
+  assert quantization.effective_bits(16, 32, jnp.float32) == 32.0
+
+
+# ---- the cache ------------------------------------------------------------------------------
+
+def _stored(x, bits, group):
+  """What a quantized slot gives back for stored ``x [..., D]``."""
+  return slot_store.decode(slot_store.encode(x, bits, group, jnp.float32), bits, group,
+                           jnp.float32)
+
+
+@pytest.mark.parametrize("kv", [(8, 8), (4, 2), (2, 2), (16, 4)])
+def test_attention_over_quantized_slots_equals_dequantized_reference(kv):
+  """Decoding after a prefill: cached tokens outside the full-precision window are read as
+  their dequantized values, sinks and the residual exactly, the new token exactly."""
+  batch, t, hq, hkv, prefill, sinks, residual, group = 2, 14, 4, 2, 13, 2, 3, 4
+  (q, k, v), = random_stack(20, 1, batch, t, hq, hkv)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+  cache = PagedKVCache.create(1, batch, hkv, D, 32, "full", chunk_size=prefill,
+                              dtype=jnp.float32, page_size=4, bits=np.full((1, hkv, 2), kv),
+                              quant_group=group, residual=residual, fp_sinks=sinks)
+  _, cache = cache.attend(0, q[:, :prefill], k[:, :prefill], v[:, :prefill],
+                          positions[:, :prefill], ROPE)
+  out, _ = cache.attend(0, q[:, prefill:], k[:, prefill:], v[:, prefill:],
+                        positions[:, prefill:], ROPE)
+
+  kr = np.asarray(ROPE.apply(k, positions), np.float64)  # stored keys are rotated
+  qr = np.asarray(ROPE.apply(q, positions), np.float64)[:, prefill]  # [B, Hq, D]
+  kd = np.asarray(_stored(jnp.asarray(kr, jnp.float32), kv[0], group), np.float64)
+  vd = np.asarray(_stored(v, kv[1], group), np.float64)
+  exact = (np.arange(t) < sinks) | (np.arange(t) >= prefill - residual)
+  kk = np.where(exact[None, :, None, None], kr, kd)
+  vv = np.where(exact[None, :, None, None], np.asarray(v, np.float64), vd)
+  want = np.zeros((batch, hq, D))
+  for b in range(batch):
+    for h in range(hq):
+      logits = kk[b, :, h // 2] @ qr[b, h] / np.sqrt(D)
+      p = np.exp(logits - logits.max())
+      want[b, h] = (p / p.sum()) @ vv[b, :, h // 2]
+  np.testing.assert_allclose(out[:, 0], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy, kv", [
+    (policies.make_policy("h2o", n_sink=1), (4, 2)),
+    (policies.make_policy("snapkv", window=2, pool_kernel=3), (2, 2)),
+    (policies.make_policy("streamingllm", n_sink=2, position_mode="cache_relative"), (8, 4)),
+    (policies.make_policy("adakv", window=2, pool_kernel=3), (4, 4)),
+], ids=lambda x: getattr(x, "name", str(x)))
+def test_kept_tokens_never_change_across_evictions(policy, kv):
+  """A token's dequantized K and V are bit-identical at every step it is held: chunked
+  prefill, eviction, decode, and re-packing (rechunk) never re-quantize."""
+  kv_bits = kv
+  layers, batch, t, hq, hkv = 2, 2, 22, 4, 2
+  stack = random_stack(21, layers, batch, t, hq, hkv)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+  cache = PagedKVCache.create(layers, batch, hkv, D, np.array([[6, 9], [7, 7]]), policy,
+                              chunk_size=5, dtype=jnp.float32, page_size=4,
+                              bits=np.full((layers, hkv, 2), kv), quant_group=4, residual=2,
+                              fp_sinks=1)
+  seen = [np.full((batch, hkv, t, 2, D), np.nan, np.float32) for _ in range(layers)]
+
+  def check(c):  # every held position's dequantized K, V equal what it was when first seen
+    for layer in range(layers):
+      pos, _, idx = c.slot_view(layer)
+      (k, v), = c.raw_view(layer, idx)
+      kv = np.stack([np.asarray(slot_store.decode(k, kv_bits[0], 4, jnp.float32)),
+                     np.asarray(slot_store.decode(v, kv_bits[1], 4, jnp.float32))], axis=3)
+      b, h, s = np.nonzero(np.asarray(pos) >= 0)
+      p = np.asarray(pos)[b, h, s]
+      before = seen[layer][b, h, p]
+      known = ~np.isnan(before[:, 0, 0])
+      np.testing.assert_array_equal(kv[b, h, s][known], before[known])
+      seen[layer][b, h, p] = kv[b, h, s]
+
+  for s, e in spans("chunked", 15, 5, 5) + [(s, s + 1) for s in range(15, 18)]:
+    _, cache = run_stack(cache, [tuple(x[:, s:e] for x in qkv) for qkv in stack],
+                         positions[:, s:e], [(0, e - s)], on_compress=check)
+    check(cache)
+  cache = cache.rechunk(1)
+  check(cache)
+  for s in range(18, t):
+    _, cache = run_stack(cache, [tuple(x[:, s:s + 1] for x in qkv) for qkv in stack],
+                         positions[:, s:s + 1], [(0, 1)])
+    check(cache)
+  assert sum(int((~np.isnan(x[..., 0, 0])).sum()) for x in seen) > layers * batch * hkv * 6
+
+
+def test_mixed_bits_in_one_layer_match_each_class_alone():
+  """Heads of different bit classes in one layer: each head attends exactly as in a cache
+  where every head has its bits (classes are independent stores of one layer)."""
+  batch, t, hq, hkv = 1, 12, 6, 3
+  (q, k, v), = random_stack(22, 1, batch, t, hq, hkv)
+  positions = jnp.arange(t, dtype=jnp.int32)[None]
+  mixed = np.array([[[8, 4], [16, 16], [2, 2]]])
+  policy = policies.make_policy("snapkv", window=2)
+  outs = {}
+  for name, bits in [("mixed", mixed)] + [(h, np.broadcast_to(mixed[:, h:h + 1], (1, hkv, 2)))
+                                          for h in range(hkv)]:
+    cache = PagedKVCache.create(1, batch, hkv, D, np.array([[6, 8, 5]]), policy, chunk_size=4,
+                                dtype=jnp.float32, page_size=4, bits=bits, quant_group=4,
+                                residual=2)
+    outs[name], _ = run_stack(cache, [(q, k, v)], positions, spans("chunked", t, 4, 4))
+  for h in range(hkv):  # query heads 2h, 2h + 1 read KV head h
+    np.testing.assert_allclose(outs["mixed"][0][:, :, 2 * h:2 * h + 2],
+                               outs[h][0][:, :, 2 * h:2 * h + 2], atol=1e-6)
+  assert len(cache.classes(0)) == 1
+  mixed_cache = PagedKVCache.create(1, batch, hkv, D, 8, policy, chunk_size=4, bits=mixed,
+                                    quant_group=4)
+  assert [c.bits for c in mixed_cache.classes(0)] == [(8, 4), (16, 16), (2, 2)]
+
+
+def test_nbytes_equal_the_analytic_formula():
+  """Codes, scales, zeros, the full-precision window and the bookkeeping are all counted."""
+  layers, batch, hkv, chunk, page, group, window = 2, 2, 3, 4, 4, 4, 2 + 3
+  budgets = np.array([[8, 12, 8], [16, 8, 6]])  # all >= the window: it is not capped
+  bits = np.array([[[4, 2], [16, 16], [2, 2]], [[8, 8], [8, 8], [4, 4]]])
+  cache = PagedKVCache.create(layers, batch, hkv, D, budgets, "h2o", chunk_size=chunk,
+                              dtype=jnp.bfloat16, page_size=page, bits=bits, quant_group=group,
+                              residual=3, fp_sinks=2)
+
+  def side(b):  # bytes of one slot of one side
+    return 2 * D if b == 16 else D * b // 8 + 2 * 2 * (D // group)
+
+  want = 0
+  for l in range(layers):
+    for h in range(hkv):
+      slots = -(-(budgets[l, h] + chunk) // page) * page
+      kb, vb = bits[l, h]
+      want += batch * slots * (side(kb) + side(vb) + 4 + 4)  # + position, score
+      if min(kb, vb) < 16:
+        want += batch * window * (2 * 2 * D + 4)  # window K, V (bf16) and positions
+      want += batch * 3 * 4  # offsets, lengths, dropped
+  assert cache.nbytes == want
+  # Effective bits: a 4/2 head at budget 8 holds 5 of its 8 tokens also in the window.
+  eff = cache.head_effective_bits()
+  assert eff[0, 1] == 16.0
+  assert eff[0, 0] == pytest.approx(((4 + 8) + 5 * 16 / 8 + (2 + 8) + 5 * 16 / 8) / 2)
+  assert cache.effective_bits == pytest.approx((eff * budgets).sum() / budgets.sum())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"bits": np.array([[[4, 8]] * 2] * 2)},
+     r"Values may not get more bits than keys: \(layer, kv_head\)=\(0, 0\) has 4-bit keys"),
+    ({"bits": np.full((2, 2), 3)}, r"Unsupported bits \[3\]; allowed: \[16, 8, 4, 2\]"),
+    ({"bits": np.full((2, 2), 4), "quant_group": 3}, "quant_group=3 must divide head_dim=8"),
+    ({"bits": np.full((2, 2, 3), 4)}, r"bits must have shape \[2, 2\] or \[2, 2, 2\]"),
+    ({"bits": np.array([[4, 2], [4, 4]]), "policy": "adakv"},
+     "Policy 'adakv' moves budget between the heads of a layer"),
+])
+def test_bad_bits_are_named(kwargs, match):
+  args = {"budgets": 40, "policy": "h2o", "chunk_size": 4} | kwargs
+  with pytest.raises(ValueError, match=match):
+    PagedKVCache.create(2, 1, 2, D, dtype=jnp.float32, **args)
+
+
+def test_jit_decode_with_quantized_heads_matches_eager():
+  layers, batch, t, hq, hkv = 2, 2, 12, 4, 2
+  stack = random_stack(23, layers, batch, t, hq, hkv)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+  cache = PagedKVCache.create(layers, batch, hkv, D, 6, policies.make_policy("h2o", n_sink=1),
+                              chunk_size=8, dtype=jnp.float32, page_size=4,
+                              bits=np.array([[[4, 2], [8, 8]], [[2, 2], [2, 2]]]),
+                              quant_group=4, residual=2)
+  eager, _ = run_stack(cache, stack, positions, spans("decode", t, 8, 8))
+  jitted = [[] for _ in stack]
+  for s, e in spans("decode", t, 8, 8):
+    outs, cache = jit_step(cache, [tuple(x[:, s:e] for x in qkv) for qkv in stack],
+                           positions[:, s:e], ROPE)
+    for layer, o in enumerate(outs):
+      jitted[layer].append(o)
+  for layer in range(layers):
+    np.testing.assert_allclose(jnp.concatenate(jitted[layer], 1), eager[layer], atol=1e-5)
+  assert jax.tree_util.tree_structure(cache) is not None

@@ -25,9 +25,15 @@ DEFAULT_MAX_NEW_TOKENS = 24
 
 
 def _cache_metrics(cache) -> dict:
+  """Bytes, tokens and precision of a cache (the dense cache stores its dtype's bits)."""
   counts = np.asarray(cache.token_counts())  # [layers, B, Hkv]
-  return {"cache_bytes": int(cache.nbytes), "kv_tokens_mean": float(counts.mean()),
-          "kv_tokens_max": int(counts.max())}
+  metrics = {"cache_bytes": int(cache.nbytes), "kv_tokens_mean": float(counts.mean()),
+             "kv_tokens_max": int(counts.max())}
+  if hasattr(cache, "head_bits"):
+    metrics.update(effective_bits=cache.effective_bits, head_bits=cache.head_bits.tolist())
+  else:
+    metrics.update(effective_bits=float(np.dtype(cache.layers[0].k.dtype).itemsize * 8))
+  return metrics
 
 
 def evaluate_sample(runner: ModelRunner, tokenizer, sample, spec: methods.MethodSpec, *,

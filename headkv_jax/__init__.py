@@ -25,3 +25,5 @@ from headkv_jax.methods import METHODS, MethodSpec, make_cache, method_budgets
 from headkv_jax.head_scores import Role, assign_roles, reduce_to_kv_heads
 from headkv_jax.profile import HeadProfile, build_profile, plot_heatmaps
 from headkv_jax.allocation import allocate_budgets
+# Per-KV-head storage bits (HAQ-KV).
+from headkv_jax.bits import BitScheme, allocate_bits, bits_label, parse_kv_bits

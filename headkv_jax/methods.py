@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from headkv_jax import allocation as allocation_lib
+from headkv_jax import bits as bits_lib
 from headkv_jax import policies as policies_lib
 from headkv_jax.dense_cache import DenseKVCache
 from headkv_jax.paged_cache import PagedKVCache
@@ -50,6 +51,8 @@ class MethodSpec:
     pool_kernel: SnapKV max-pool kernel (policy default when None: 7, headaware 21).
     gqa_reduce: "mean" or "max" over a GQA group.
     position_mode: "original" or "cache_relative".
+    kv_bits: storage precision per KV head, a :func:`headkv_jax.bits.parse_kv_bits` text
+      ("16", "8", "4/2", "kivi2", "roles", "avg:3.5", ...); "16" stores the cache dtype.
   """
 
   name: str
@@ -63,6 +66,7 @@ class MethodSpec:
   pool_kernel: int | None = None
   gqa_reduce: str = "mean"
   position_mode: str = "original"
+  kv_bits: str = "16"
 
   def __post_init__(self):
     if self.name not in METHODS:
@@ -75,6 +79,11 @@ class MethodSpec:
     if self.scope not in allocation_lib.SCOPES:
       raise ValueError(
           f"Unknown scope {self.scope!r}; allowed: {', '.join(allocation_lib.SCOPES)}.")
+    bits_lib.parse_kv_bits(self.kv_bits)  # raises naming the text and the allowed forms
+
+  @property
+  def bit_scheme(self) -> bits_lib.BitScheme:
+    return bits_lib.parse_kv_bits(self.kv_bits)
 
   def policy(self) -> policies_lib.Policy:
     overrides = dict(gqa_reduce=self.gqa_reduce, position_mode=self.position_mode)
@@ -126,20 +135,39 @@ def method_budgets(spec: MethodSpec, num_layers: int, num_kv_heads: int, *,
   return budgets
 
 
+def method_bits(spec: MethodSpec, budgets: np.ndarray, *,
+                profile: HeadProfile | None = None) -> dict:
+  """``PagedKVCache.create`` keyword arguments of ``spec``'s bit scheme for ``budgets``
+  ``[layers, Hkv]``: ``bits [layers, Hkv, 2]`` and the full-precision ``residual``.
+
+  ``avg:`` targets are weighed by the budgets (an average over stored tokens).
+  """
+  scheme = spec.bit_scheme
+  budgets = np.asarray(budgets)
+  bits = bits_lib.allocate_bits(scheme, *budgets.shape, profile=profile, weights=budgets)
+  return dict(bits=bits, residual=scheme.residual)
+
+
 def make_cache(spec: MethodSpec, *, num_layers: int, num_kv_heads: int, head_dim: int,
                batch: int, capacity: int, chunk_size: int, dtype=jnp.float32,
                max_len: int | None = None, profile: HeadProfile | None = None,
                page_size: int = 16):
-  """An empty cache for ``spec``: dense for ``full``, paged and budgeted otherwise.
+  """An empty cache for ``spec``: dense for 16-bit ``full``, paged and budgeted otherwise.
 
   ``capacity`` sizes the dense cache (prompt + new tokens); ``chunk_size`` is the most tokens
   one model call adds (the prompt length for one-shot prefill); ``max_len`` (prompt + new
-  tokens) caps the per-head budgets.
+  tokens) caps the per-head budgets. ``full`` with fewer than 16 bits (KIVI without
+  eviction) is a paged cache whose budgets hold every token (``max_len``, else
+  ``capacity``).
   """
-  if spec.name == "full":
+  if spec.name == "full" and spec.bit_scheme.is_full_precision:
     return DenseKVCache.create(num_layers, batch, num_kv_heads, head_dim, capacity, dtype)
-  budgets = method_budgets(spec, num_layers, num_kv_heads, max_len=max_len,
-                           profile=profile)
+  if spec.name == "full":
+    budgets = np.full((num_layers, num_kv_heads), max_len or capacity, np.int32)
+  else:
+    budgets = method_budgets(spec, num_layers, num_kv_heads, max_len=max_len,
+                             profile=profile)
   return PagedKVCache.create(num_layers, batch, num_kv_heads, head_dim, budgets,
                              spec.policy(), chunk_size=chunk_size, dtype=dtype,
-                             page_size=page_size)
+                             page_size=page_size,
+                             **method_bits(spec, budgets, profile=profile))

@@ -242,7 +242,7 @@ def method_hooks(spec, config, *, batch: int, prompt_len: int, max_new_tokens: i
         max_len=prompt_len + max_new_tokens, profile=profile)
 
   hooks = dict(make_cache=make_cache, chunk_size=chunk_size)
-  if spec.name != "full":
+  if spec.name != "full" or not spec.bit_scheme.is_full_precision:  # a paged cache
     hooks.update(after_prefill_chunk=_jit_compress, after_prefill=_jit_rechunk,
                  after_decode_step=_jit_compress)
   return hooks

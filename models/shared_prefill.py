@@ -112,21 +112,31 @@ def generate_from(runner: ModelRunner, shared: SharedPrefill, spec: methods_lib.
       max_new_tokens=shared.max_new_tokens, sampling=sampling, seed=seed, eos=eos,
       prefill_cache_bytes=shared.recorded.nbytes)
   t0 = time.perf_counter()
-  if spec.name == "full":
+  if spec.name == "full" and spec.bit_scheme.is_full_precision:
     cache = jax.block_until_ready(jax.tree_util.tree_map(jnp.copy, shared.recorded.dense))
     return run(cache=cache, prefill_s=shared.prefill_s + time.perf_counter() - t0)
-  budgets = methods_lib.method_budgets(
-      spec, cfg.num_layers, cfg.num_kv_heads, profile=profile,
-      max_len=int(shared.lengths.max()) + shared.max_new_tokens)
-  key = tuple(tuple(int(x) for x in row) for row in budgets)
-  cache = jax.block_until_ready(_compress(shared.recorded, key, spec.policy()))
+  max_len = int(shared.lengths.max()) + shared.max_new_tokens
+  if spec.name == "full":  # quantization without eviction: every token kept
+    budgets = np.full((cfg.num_layers, cfg.num_kv_heads), max_len, np.int32)
+  else:
+    budgets = methods_lib.method_budgets(spec, cfg.num_layers, cfg.num_kv_heads,
+                                         profile=profile, max_len=max_len)
+  bits = methods_lib.method_bits(spec, budgets, profile=profile)
+  cache = jax.block_until_ready(_compress(
+      shared.recorded, _static(budgets), spec.policy(), _static(bits["bits"]), bits["residual"]))
   return run(cache=cache, prefill_s=shared.prefill_s + time.perf_counter() - t0,
              after_decode_step=generation._jit_compress)
 
 
-@functools.partial(jax.jit, static_argnames=("budgets", "policy"))
-def _compress(recorded, budgets, policy):
-  return prompt_stats.compress_prompt(recorded, np.asarray(budgets), policy)
+def _static(array) -> tuple:
+  """A nested tuple of ints: an array as a hashable static jit argument."""
+  return tuple(map(_static, array)) if np.ndim(array) else int(array)
+
+
+@functools.partial(jax.jit, static_argnames=("budgets", "policy", "bits", "residual"))
+def _compress(recorded, budgets, policy, bits, residual):
+  return prompt_stats.compress_prompt(recorded, np.asarray(budgets), policy,
+                                      bits=np.asarray(bits), residual=residual)
 
 
 def generate_shared(

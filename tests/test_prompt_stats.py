@@ -44,7 +44,10 @@ SPECS = [methods.MethodSpec("full"), methods.MethodSpec("snapkv", 40),
          methods.MethodSpec("snapkv", 40, window=8, pool_kernel=3, gqa_reduce="max"),
          methods.MethodSpec("h2o", 24), methods.MethodSpec("streamingllm", 24),
          methods.MethodSpec("pyramidkv", 48), methods.MethodSpec("adakv", 40),
-         methods.MethodSpec("headaware", 40)]
+         methods.MethodSpec("headaware", 40),
+         # HAQ-KV: the shared path quantizes the same kept tokens the same way.
+         methods.MethodSpec("headaware", 40, kv_bits="roles"),
+         methods.MethodSpec("h2o", 24, kv_bits="4/2"), methods.MethodSpec("full", kv_bits="8")]
 
 
 def test_shared_prefill_matches_each_method_alone(runner, profile):

@@ -2,6 +2,7 @@ r"""Compressed vs full KV cache at long context: memory, prefill and decode, sam
 
   python -m experiments.bench_cache                       # 20,000 tokens, snapkv@1024 vs full
   python -m experiments.bench_cache --length=8000 --methods=full,snapkv,headaware --budget=512
+  python -m experiments.bench_cache --methods=full,headaware,headaware[kv_bits=roles]  # HAQ-KV
 
 Each method runs in its own child process so "peak RSS" is that method's alone. The prompt is
 a passkey sample of exactly ``--length`` tokens, prefilled in chunks of ``--chunk_size``; then
@@ -11,6 +12,7 @@ a passkey sample of exactly ``--length`` tokens, prefilled in chunks of ``--chun
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -18,31 +20,51 @@ from absl import app, flags
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Alias, HF directory or .gguf file.")
 _LENGTH = flags.DEFINE_integer("length", 20000, "Prompt length in tokens.")
-_METHODS = flags.DEFINE_list("methods", ["full", "snapkv"], "Methods to compare.")
+_METHODS = flags.DEFINE_list("methods", ["full", "snapkv"],
+                             "Methods to compare; 'name[kv_bits=X]' sets one method's bits, "
+                             "e.g. full,headaware,headaware[kv_bits=roles].")
 _BUDGET = flags.DEFINE_integer("budget", 1024, "Average tokens per KV head per layer.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 1024, "Prefill chunk size.")
+_KV_BITS = flags.DEFINE_string("kv_bits", "16", "Storage bits per KV head of every method "
+                               "without its own [kv_bits=...]: "
+                               "16, 8, 4, 2, K/V (e.g. 4/2), kivi2, roles, roles:8/8,4/2,2/2, "
+                               "avg:3.5; see headkv_jax.bits.")
 _STEPS = flags.DEFINE_integer("decode_steps", 32, "Decode steps (the first compiles, untimed).")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one method and print JSON.")
 
 
-def run_one(method: str) -> dict:
+def parse_method(label: str) -> tuple[str, str]:
+  """``'headaware[kv_bits=roles]'`` -> ``('headaware', 'roles')``; a bare name takes --kv_bits."""
+  match = re.fullmatch(r"(\w+)(?:\[kv_bits=([^\]]+)\])?", label.strip())
+  if not match:
+    raise app.UsageError(f"Bad --methods entry {label!r}: write a method name, optionally "
+                         "with [kv_bits=<scheme>].")
+  return match.group(1), match.group(2) or _KV_BITS.value
+
+
+def run_one(label: str) -> dict:
   from experiments.evaluate import evaluate_sample
   from experiments.tasks import make_task
+  from headkv_jax.bits import parse_kv_bits
   from headkv_jax.methods import MethodSpec, PROFILE_METHODS
   from models.loading import load_model
   from models.runner import ModelRunner
 
+  method, kv_bits = parse_method(label)
   model, tokenizer = load_model(_MODEL.value)
   profile = None
-  if method in PROFILE_METHODS:
+  if method in PROFILE_METHODS or parse_kv_bits(kv_bits).needs_profile:
     from headkv_jax.profiles import load_shipped_profile
     profile = load_shipped_profile(model.config.model_id)
   sample = make_task("passkey", tokenizer, _LENGTH.value, seed=0, index=0, depth=0.5)
-  spec = MethodSpec(method, 0 if method == "full" else _BUDGET.value)
+  spec = MethodSpec(method, 0 if method == "full" else _BUDGET.value, kv_bits=kv_bits)
   record = evaluate_sample(ModelRunner(model), tokenizer, sample, spec,
                            chunk_size=_CHUNK.value, profile=profile,
                            max_new_tokens=_STEPS.value)
-  return dict(record, method=method)
+  cfg = model.config  # the full cache of prompt + new tokens in bfloat16, K and V
+  bf16 = 2 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (
+      len(sample.prompt_tokens) + _STEPS.value)
+  return dict(record, method=label, full_bf16_kv_bytes=bf16)
 
 
 def main(argv):
@@ -54,20 +76,23 @@ def main(argv):
   for method in _METHODS.value:
     argv = [sys.executable, "-m", "experiments.bench_cache", f"--child={method}"] + [
         f"--{f}={flags.FLAGS[f].serialize().split('=', 1)[1]}" for f in
-        ("model", "length", "budget", "chunk_size", "decode_steps")]
+        ("model", "length", "budget", "chunk_size", "decode_steps", "kv_bits")]
     proc = subprocess.run(argv, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
       print(proc.stderr[-3000:], file=sys.stderr)
       raise SystemExit(f"method {method} failed (exit {proc.returncode})")
     rows.append(json.loads(lines[-1][len("RESULT "):]))
-  print(f"{_LENGTH.value} tokens, chunk {_CHUNK.value}, budget {_BUDGET.value}, model {_MODEL.value}")
-  head = ("method", "cache MB (decode)", "cache MB (prefill)", "peak RSS MB", "prefill s",
-          "decode ms/tok", "passkey")
+  print(f"{_LENGTH.value} tokens, chunk {_CHUNK.value}, budget {_BUDGET.value}, kv_bits "
+        f"{_KV_BITS.value}, model {_MODEL.value}")
+  head = ("method", "cache MB (decode)", "x fewer than full bf16", "effective bits",
+          "cache MB (prefill)", "peak RSS MB", "prefill s", "decode ms/tok", "passkey")
   print("| " + " | ".join(head) + " |")
   print("|" + "---|" * len(head))
   for r in rows:
-    print(f"| {r['method']} | {r['cache_bytes'] / 2**20:.1f} | {r['prefill_cache_bytes'] / 2**20:.1f}"
+    print(f"| {r['method']} | {r['cache_bytes'] / 2**20:.1f} | "
+          f"{r['full_bf16_kv_bytes'] / r['cache_bytes']:.1f} | {r['effective_bits']:.2f} | "
+          f"{r['prefill_cache_bytes'] / 2**20:.1f}"
           f" | {r['peak_rss_bytes'] / 2**20:.0f} | {r['prefill_s']:.1f} | "
           f"{r['decode_ms_per_token']:.1f} | {r['accuracy']:.0f} |")
   base = next((r for r in rows if r["method"] == "full"), None)

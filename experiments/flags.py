@@ -3,14 +3,20 @@
   python -m experiments.phase1 --budget=4096 --num_samples=2 --output_dir=results/
 
 Grid flags left unset (`--methods`, `--lengths`, `--budget`, `--budgets`, `--tasks`,
-`--num_samples`) take the phase's defaults for `--grid` ('default', 'quick' or 'paper'; see
-each phase's GRIDS). Importing this module defines the flags once, so the phase modules and
+`--num_samples`, `--schemes`) take the phase's defaults for `--grid` ('default', 'quick' or
+'paper'; see each phase's GRIDS). `--kv_bits` stores every cell's cache at those bits
+(`headkv_jax.bits`). Importing this module defines the flags once, so the phase modules and
 `run_all` can all import it.
 """
+
+import re
 
 from absl import flags
 
 from experiments import grid
+from headkv_jax.head_scores import ROLE_NAMES
+
+_BIT_PAIR = re.compile(r'^\s*\d+\s*(/\s*\d+\s*)?$')  # '4/2' or '8': a role-table entry
 
 _MODEL = flags.DEFINE_string('model', 'smollm2-135m',
                              'Embedded alias, Hugging Face directory or .gguf file.')
@@ -44,6 +50,18 @@ _LONGBENCH_DIR = flags.DEFINE_string('longbench_dir', None,
 _GRID = flags.DEFINE_enum('grid', 'default', list(grid.GRID_NAMES),
                           "Phase defaults: 'default' (CPU-sized), 'quick' (minutes), "
                           "'paper' (the seed plan's full grid).")
+_KV_BITS = flags.DEFINE_string(
+    'kv_bits', grid.Settings.kv_bits,
+    'HAQ-KV storage bits of every cell (phase 5 sweeps --schemes instead): 16 (no '
+    'quantization), 8, 4 or 2 (keys = values), K/V such as 4/2 (keys >= values), kivi2 (2/2 '
+    'with a 128-token full-precision residual), roles (retrieval 8/8, induction 4/4, local '
+    '2/2 from the head profile), roles:8/8,4/2,2/2 (an explicit role table), avg:3.5 (a '
+    'target average of (key + value) / 2 bits spent on the heads of highest '
+    'retrieval-reasoning score). See headkv_jax.bits.')
+_SCHEMES = flags.DEFINE_list(
+    'schemes', None,
+    "Phase 5: the --kv_bits schemes to sweep, e.g. '16,4/2,kivi2,roles,avg:3'; default: the "
+    "grid's.")
 _SHARED_PREFILL = flags.DEFINE_bool(
     'shared_prefill', False,
     'One-shot eviction from one prefill per sample shared by every method and budget (a '
@@ -60,6 +78,19 @@ def join_brackets(values):
     else:
       out.append(v)
     depth += v.count('[') - v.count(']')
+  return out
+
+
+def join_schemes(values):
+  """Re-joins a role table absl split at its commas: ['16', 'roles:8', '4/2', '2', 'avg:3']
+  -> ['16', 'roles:8,4/2,2', 'avg:3'] (a table has one entry per role)."""
+  out = []
+  for v in values:
+    if out and out[-1].strip().lower().startswith('roles:') and (
+        out[-1].count(',') < len(ROLE_NAMES) - 1) and _BIT_PAIR.match(v):
+      out[-1] += ',' + v
+    else:
+      out.append(v)
   return out
 
 
@@ -89,6 +120,8 @@ def settings_from_flags(**overrides) -> grid.Settings:
       longbench_dir=_LONGBENCH_DIR.value,
       grid=_GRID.value,
       shared_prefill=_SHARED_PREFILL.value,
+      kv_bits=_KV_BITS.value,
+      schemes=None if _SCHEMES.value is None else tuple(join_schemes(_SCHEMES.value)),
   )
   values.update(overrides)
   return grid.Settings(**values)

@@ -5,6 +5,7 @@ r"""Generate text with a Llama-family model and a KV cache.
   python -m experiments.generate --prompt="a" --prompt="bb b" --temperature=0.7 --top_p=0.9
   python -m experiments.generate --method=snapkv --budget=256 --prompt_file=long.txt --json
   python -m experiments.generate --method=headaware --budget=128 --chunk_size=512 ...
+  python -m experiments.generate --method=headaware --budget=256 --kv_bits=roles --json ...
 
 Several ``--prompt`` flags run as one batch (prompts of different lengths are padded and
 masked). ``--chat`` wraps each prompt in the tokenizer's chat template.
@@ -37,6 +38,9 @@ _BUDGET = flags.DEFINE_integer("budget", 256, "Average tokens kept per KV head p
 _POSITION_MODE = flags.DEFINE_enum(
     "position_mode", "original", ["original", "cache_relative"],
     "cache_relative rotates keys by their cache slot (StreamingLLM past the trained context).")
+_KV_BITS = flags.DEFINE_string(
+    "kv_bits", "16", "Storage bits per KV head (HAQ-KV): 16, 8, 4, 2, K/V (e.g. 4/2), kivi2, "
+    "roles, roles:8/8,4/2,2/2 or avg:3.5; see headkv_jax.bits.")
 _PROFILE = flags.DEFINE_string(
     "profile", None, "Head profile JSON for headaware (default: the shipped one for --model).")
 _ALLOW_LONG = flags.DEFINE_bool(
@@ -58,6 +62,7 @@ def read_prompts() -> list[str]:
 
 def main(argv):
   del argv
+  from headkv_jax import bits
   from headkv_jax import methods
   from models.generation import generate, method_hooks
   from models.loading import load_model
@@ -66,12 +71,13 @@ def main(argv):
 
   texts = read_prompts()
   try:
-    spec = methods.MethodSpec(_METHOD.value, _BUDGET.value, position_mode=_POSITION_MODE.value)
+    spec = methods.MethodSpec(_METHOD.value, _BUDGET.value, position_mode=_POSITION_MODE.value,
+                              kv_bits=_KV_BITS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   model, tokenizer = load_model(_MODEL.value, _DTYPE.value)
   profile = None
-  if spec.name in methods.PROFILE_METHODS:
+  if spec.name in methods.PROFILE_METHODS or bits.parse_kv_bits(spec.kv_bits).needs_profile:
     from headkv_jax.profile import HeadProfile
     from headkv_jax.profiles import load_shipped_profile
     profile = (HeadProfile.load(_PROFILE.value) if _PROFILE.value
@@ -111,7 +117,11 @@ def main(argv):
                cache_nbytes=int(result.cache.nbytes),
                prefill_cache_nbytes=int(result.prefill_cache_bytes),
                kv_tokens_per_head=counts.transpose(1, 0, 2).tolist(),
-               prefill_s=round(result.prefill_s, 3), seconds=round(seconds, 3))
+               prefill_s=round(result.prefill_s, 3), seconds=round(seconds, 3),
+               kv_bits=spec.kv_bits)
+    if getattr(result.cache, "head_bits", None) is not None:  # quantized caches
+      out.update(effective_bits=float(result.cache.effective_bits),
+                 head_bits=np.asarray(result.cache.head_bits).tolist())
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
   else:

@@ -31,6 +31,7 @@ import numpy as np
 from experiments import evaluate
 from experiments import results
 from experiments import tasks as tasks_lib
+from headkv_jax import bits as bits_lib
 from headkv_jax import methods
 from headkv_jax import profile as profile_lib
 from models import shared_prefill
@@ -39,7 +40,10 @@ GRID_NAMES = ('default', 'quick', 'paper')
 PERPLEXITY_TASK = 'perplexity'
 PROFILE_PNG = 'head_profile.png'  # copied into each phase directory for the report
 # Settings fields a phase fills from its GRIDS when the user left them unset.
-GRID_FIELDS = ('methods', 'lengths', 'budget', 'budgets', 'tasks', 'num_samples')
+GRID_FIELDS = ('methods', 'lengths', 'budget', 'budgets', 'tasks', 'num_samples', 'schemes')
+# Settings added after earlier runs were saved, with the value that reproduces those runs: a
+# saved run.json without one of them resumes when the new value is this one.
+ADDED_FLAGS = {'kv_bits': '16', 'schemes': None}
 # Most bytes of shared prefills (dense prompt caches + statistics) held at once; a cell then
 # runs over all of them (one compile per cell for up to this many bytes of samples).
 SHARED_BYTES = 8 << 30
@@ -69,6 +73,9 @@ class Settings:
     shared_prefill: one-shot eviction from one prefill per sample, shared by every method
       and budget of a (task, length) (`models.shared_prefill`); needs `chunk_size` >= the
       longest prompt. Perplexity, the oracle and cache_relative cells run alone.
+    kv_bits: HAQ-KV storage bits of every cell (`headkv_jax.bits.parse_kv_bits`; '16' = no
+      quantization); kept in its canonical text.
+    schemes: phase 5's kv_bits schemes (canonical texts); None = the phase's default.
   """
 
   model: str = 'smollm2-135m'
@@ -88,10 +95,18 @@ class Settings:
   longbench_dir: str | None = None
   grid: str = 'default'
   shared_prefill: bool = False
+  kv_bits: str = '16'
+  schemes: tuple[str, ...] | None = None
 
   def __post_init__(self):
     if self.grid not in GRID_NAMES:
       raise app.UsageError(f'Unknown --grid={self.grid!r}; allowed: {", ".join(GRID_NAMES)}.')
+    object.__setattr__(self, 'kv_bits', check_kv_bits(self.kv_bits))
+    if self.schemes is not None:
+      schemes = [check_kv_bits(s, '--schemes') for s in self.schemes]
+      if not schemes:
+        raise app.UsageError('--schemes is empty; give at least one, e.g. --schemes=16,4.')
+      object.__setattr__(self, 'schemes', tuple(dict.fromkeys(schemes)))  # unique, in order
     for name in ('chunk_size', 'num_samples', 'budget'):
       value = getattr(self, name)
       if value is not None and value < 1:
@@ -134,13 +149,22 @@ class Cell:
     return (self.method, self.task, self.length, self.budget, sample)
 
 
+def check_kv_bits(text: str, flag: str = '--kv_bits') -> str:
+  """The canonical text of a kv_bits scheme, or a UsageError naming it and the forms."""
+  try:
+    return bits_lib.parse_kv_bits(text).text
+  except ValueError as e:
+    raise app.UsageError(f'Bad {flag}: {e}') from None
+
+
 def method_cells(settings: Settings, budgets: Sequence[int]) -> list[Cell]:
-  """`full` once per (task, length) at budget 0; every other method at each of `budgets`."""
+  """`full` once per (task, length) at budget 0; every other method at each of `budgets`;
+  all at `settings.kv_bits`."""
   check_methods(settings.methods, methods.METHODS)
   out = []
   for method in settings.methods:
     for budget in ((0,) if method == 'full' else budgets):
-      spec = methods.MethodSpec(method, budget)
+      spec = methods.MethodSpec(method, budget, kv_bits=settings.kv_bits)
       out += [Cell(method, spec, task, length, budget)
               for task in settings.tasks for length in settings.lengths]
   return out
@@ -381,7 +405,7 @@ def run_grid(phase: str, cells: Sequence[Cell], settings: Settings, *, runner=No
   flags = dict(dataclasses.asdict(settings), phase=phase, head_profile_png=png and PROFILE_PNG)
   try:
     writer = results.ResultsWriter(settings.output_dir, phase, flags,
-                                   overwrite=settings.overwrite)
+                                   overwrite=settings.overwrite, added_flags=ADDED_FLAGS)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   with writer:

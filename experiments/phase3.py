@@ -8,7 +8,9 @@
 (= SnapKV selection) vs a shuffled profile vs roles-only allocation vs per-layer scope; the
 sink and observation-window components on/off; GQA reduction mean vs max; the SnapKV pooling
 kernel; the profile score the budgets follow; the share of the budget split by score; `full`
-as the reference. Writes `<output_dir>/phase3/{run.json,results.jsonl,summary.csv}`.
+as the reference. `--kv_bits` stores every variant at those bits unless its label sets
+`kv_bits` (`headaware[kv_bits=roles]`). Writes
+`<output_dir>/phase3/{run.json,results.jsonl,summary.csv}`.
 """
 
 import dataclasses
@@ -58,10 +60,25 @@ _SPEC_FIELDS = {f.name: f for f in dataclasses.fields(methods_lib.MethodSpec)}
 _LABEL = re.compile(r'headaware\[(.+)\]$')
 
 
+def _parts(inner: str) -> list[str]:
+  """The comma-separated parts of a label's brackets; a role table's entries stay with their
+  `kv_bits=roles:...` part ('kv_bits=roles:8/8,4/2,2/2,sinks=0' -> 2 parts)."""
+  parts = []
+  for part in (p.strip() for p in inner.split(',')):
+    if parts and parts[-1].startswith('kv_bits=') and '=' not in part:
+      joined = exp_flags.join_schemes([parts[-1][len('kv_bits='):], part])
+      if len(joined) == 1:
+        parts[-1] = 'kv_bits=' + joined[0]
+        continue
+    parts.append(part)
+  return parts
+
+
 def parse_variant(label: str) -> tuple[dict, bool]:
   """(MethodSpec fields, shuffle) of a label: one of VARIANTS, or a combination written
   `headaware[field=value,...]` (fields of MethodSpec or FIELD_ALIASES; a bare `uniform`,
-  `roles` or `layer_scope` / `shuffled` as in VARIANTS), e.g. `headaware[pool_kernel=7,sinks=0]`.
+  `roles` or `layer_scope` / `shuffled` as in VARIANTS), e.g. `headaware[pool_kernel=7,sinks=0]`
+  or `headaware[kv_bits=roles:8/8,4/2,2/2,sinks=0]` (text fields such as kv_bits take the text).
   """
   if label in VARIANTS:
     return VARIANTS[label]
@@ -70,8 +87,7 @@ def parse_variant(label: str) -> tuple[dict, bool]:
     raise app.UsageError(f'Unknown variant {label!r}; allowed: {", ".join(VARIANTS)} or '
                          "'headaware[field=value,...]'.")
   fields, shuffle = {}, False
-  for part in match.group(1).split(','):
-    part = part.strip()
+  for part in _parts(match.group(1)):
     if '=' not in part and f'headaware[{part}]' in VARIANTS:
       more, more_shuffle = VARIANTS[f'headaware[{part}]']
       fields.update(more)
@@ -93,10 +109,13 @@ def parse_variant(label: str) -> tuple[dict, bool]:
   return fields, shuffle
 
 
-def variant_cell(label: str, budget: int, task: str, length: int) -> grid.Cell:
+def variant_cell(label: str, budget: int, task: str, length: int,
+                 kv_bits: str = '16') -> grid.Cell:
+  """The cell of a variant label; `kv_bits` (the --kv_bits flag) unless the label sets it."""
   fields, shuffle = parse_variant(label)
   try:
-    spec = methods_lib.MethodSpec(**{'name': 'headaware', 'budget': budget, **fields})
+    spec = methods_lib.MethodSpec(**{'name': 'headaware', 'budget': budget, 'kv_bits': kv_bits,
+                                     **fields})
     spec.policy()  # validates the policy knobs (e.g. an even pool_kernel)
   except ValueError as e:
     raise app.UsageError(f'Variant {label!r}: {e}') from e
@@ -104,9 +123,10 @@ def variant_cell(label: str, budget: int, task: str, length: int) -> grid.Cell:
 
 
 def cells(settings: grid.Settings) -> list[grid.Cell]:
-  """Every chosen variant x task x length at `settings.budget`."""
-  return [variant_cell(label, settings.budget, task, length) for label in settings.methods
-          for task in settings.tasks for length in settings.lengths]
+  """Every chosen variant x task x length at `settings.budget` (and `settings.kv_bits`)."""
+  return [variant_cell(label, settings.budget, task, length, settings.kv_bits)
+          for label in settings.methods for task in settings.tasks
+          for length in settings.lengths]
 
 
 def run(settings: grid.Settings, **kwargs):

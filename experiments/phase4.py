@@ -5,7 +5,9 @@
 Reads `<output_dir>/phase{0,1,2,3,5}/results.jsonl` (a phase without results gets a note) and
 writes `<output_dir>/report/`: per phase a summary table (means per cell, skipped counts),
 memory / accuracy / decode-speed vs length (phase 1), accuracy and memory vs budget (phases 0,
-2), ablation bars (phase 3) and the head-profile heatmap. See `experiments/report.py`.
+2), ablation bars (phase 3), HAQ-KV accuracy vs cache bytes (Pareto front) and vs effective
+bits with the bits-per-head heatmaps (phase 5, `experiments/phase5.py`) and the head-profile
+heatmap. See `experiments/report.py`.
 """
 
 import os

@@ -85,10 +85,15 @@ def run_info(flags: dict) -> dict:
           'resumed': []}
 
 
-def differing_flags(saved: dict, new: dict,
-                    ignore_flags: Iterable[str] = IGNORED_FLAGS) -> dict[str, tuple]:
-  """{flag: (saved value, new value)} for flags that differ, ignoring `ignore_flags`."""
+def differing_flags(saved: dict, new: dict, ignore_flags: Iterable[str] = IGNORED_FLAGS,
+                    added_flags: dict | None = None) -> dict[str, tuple]:
+  """{flag: (saved value, new value)} for flags that differ, ignoring `ignore_flags`.
+
+  `added_flags` ({flag: value}) are flags newer than some saved runs: a saved run without
+  one matches a new value equal to the listed one (the behaviour it was run with).
+  """
   saved, new, ignore = _jsonable(saved), _jsonable(new), set(ignore_flags)
+  saved = {**_jsonable({k: v for k, v in (added_flags or {}).items() if k in new}), **saved}
   missing = object()
   return {k: (saved.get(k), new.get(k)) for k in sorted(set(saved) | set(new))
           if k not in ignore and saved.get(k, missing) != new.get(k, missing)}
@@ -164,7 +169,7 @@ class ResultsWriter:
 
   def __init__(self, output_dir: str, phase: str, flags: dict, *, overwrite: bool = False,
                ignore_flags: Iterable[str] = IGNORED_FLAGS,
-               key_fields: tuple[str, ...] = KEY_FIELDS):
+               key_fields: tuple[str, ...] = KEY_FIELDS, added_flags: dict | None = None):
     """Opens (or resumes) a phase directory.
 
     Args:
@@ -173,6 +178,7 @@ class ResultsWriter:
       flags: the flags that produced the results (JSON-able values).
       overwrite: delete this phase's earlier run.json, results and summary instead of resuming.
       ignore_flags: flags allowed to differ from the saved ones when resuming.
+      added_flags: {flag: value} of flags newer than some saved runs (see `differing_flags`).
       key_fields: record fields that identify a sample (see `done_keys`).
 
     Raises:
@@ -191,7 +197,7 @@ class ResultsWriter:
     if os.path.exists(run_path):
       with open(run_path, encoding='utf-8') as f:
         info = json.load(f)
-      diff = differing_flags(info.get('flags', {}), flags, ignore_flags)
+      diff = differing_flags(info.get('flags', {}), flags, ignore_flags, added_flags)
       if diff:
         listed = ', '.join(f'{k}: saved {a!r} != new {b!r}' for k, (a, b) in diff.items())
         raise ValueError(f'{self.directory} holds results of a run with other flags ({listed}). '

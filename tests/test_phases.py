@@ -23,8 +23,10 @@ from experiments import phase1
 from experiments import phase2
 from experiments import phase3
 from experiments import phase4
+from experiments import phase5
 from experiments import results
 from experiments import run_all
+from headkv_jax import bits as bits_lib
 from headkv_jax import profile as profile_lib
 from models.config import LlamaConfig
 from models.llama import Llama
@@ -164,6 +166,110 @@ def test_phase3_variant_labels_combine_fields():
       phase3.variant_cell(label, 64, 'passkey', 500)
 
 
+def test_kv_bits_reach_the_cells():
+  """--kv_bits sets every phase's MethodSpec; a phase-3 label's kv_bits (text, role tables
+  with commas included) wins over it; bad schemes are UsageErrors naming them."""
+  settings = grid.Settings(methods=('full', 'h2o'), lengths=(500,), tasks=('passkey',),
+                           kv_bits=' 4 / 2 ')
+  assert settings.kv_bits == '4/2'  # canonical
+  assert {c.spec.kv_bits for c in grid.method_cells(settings, (64,))} == {'4/2'}
+  assert phase3.variant_cell('headaware', 64, 'passkey', 500, '4/2').spec.kv_bits == '4/2'
+  cell = phase3.variant_cell('headaware[kv_bits=roles:8/8,4/2,2/2,sinks=0]', 64, 'passkey',
+                             500, '4/2')
+  assert cell.spec.n_sink == 0
+  assert bits_lib.parse_kv_bits(cell.spec.kv_bits).role_bits == ((8, 8), (4, 2), (2, 2))
+  assert phase3.variant_cell('headaware[kv_bits=avg:3]', 64, 'passkey', 500).spec.kv_bits \
+      in ('avg:3', 'avg:3.0')
+  for bad, match in (('4/8', 'K >= V'), ('3', 'allowed widths'), ('avg:1', 'outside')):
+    with pytest.raises(app.UsageError, match=match):
+      grid.Settings(kv_bits=bad)
+    with pytest.raises(app.UsageError, match='schemes'):
+      grid.Settings(schemes=('16', bad))
+  with pytest.raises(app.UsageError, match='kv_bits'):
+    phase3.variant_cell('headaware[kv_bits=4/8]', 64, 'passkey', 500)
+
+
+def test_phase5_cells_and_labels(profile_path, tmp_path):
+  settings = _settings(tmp_path, profile_path, tasks=None, num_samples=None, lengths=None,
+                       grid='default').with_defaults(phase5.GRIDS)
+  cells = phase5.cells(settings)
+  schemes = phase5.SCHEMES
+  assert settings.schemes == schemes and settings.budgets == (512, 256, 128)
+  per = len(settings.tasks) * len(settings.lengths)
+  assert len(cells) == per * len(schemes) * (1 + 3)  # full + 3 budgets per scheme
+  labels = {c.method for c in cells}
+  assert labels == {f'{m}[kv_bits={s}]' for m in ('full', 'headaware') for s in schemes}
+  for c in cells:
+    scheme = c.method.split('[kv_bits=')[1][:-1]
+    assert c.spec.kv_bits == scheme and c.spec.name == c.method.split('[')[0]
+    assert (c.budget == 0) == (c.spec.name == 'full') and c.budget == c.spec.budget
+  assert {c.budget for c in cells} == {0, 128, 256, 512}
+  quick = phase5.cells(_settings(tmp_path, profile_path, tasks=None, num_samples=None,
+                                 lengths=None).with_defaults(phase5.GRIDS))
+  assert sorted({(c.method, c.budget) for c in quick}) == [
+      ('full[kv_bits=16]', 0), ('full[kv_bits=4]', 0), ('full[kv_bits=roles]', 0),
+      ('headaware[kv_bits=16]', 128), ('headaware[kv_bits=4]', 128),
+      ('headaware[kv_bits=roles]', 128)]
+  assert {(c.task, c.length) for c in quick} == {('niah_single', 2000)}
+  # --schemes are canonical and unique; --methods may name any method.
+  picked = phase5.cells(dataclasses.replace(settings, schemes=('8/8', '8', 'KIVI2'),
+                                            methods=('snapkv',), budgets=(64,)))
+  assert {c.method for c in picked} == {'snapkv[kv_bits=8]', 'snapkv[kv_bits=kivi2]'}
+  with pytest.raises(app.UsageError, match='allowed'):
+    phase5.cells(dataclasses.replace(settings, methods=('fulll',)))
+
+
+def test_phase5_runs_and_resumes(model, profile_path, tmp_path):
+  runner, tokenizer = model
+  settings = _settings(tmp_path, profile_path, methods=('full', 'headaware'),
+                       schemes=('16', '4/2', 'roles'), budgets=(64,))
+  calls, kill_at = [], [4]
+  real = grid.evaluate_cell
+
+  def counting(*args):
+    calls.append(args[3].key(args[2].index))
+    if len(calls) == kill_at[0]:
+      raise _Killed
+    return real(*args)
+
+  with pytest.raises(_Killed):
+    phase5.run(settings, runner=runner, tokenizer=tokenizer, evaluate_fn=counting,
+               progress=False)
+  assert len(_records(tmp_path, 'phase5')) == 3
+  calls.clear()
+  kill_at[0] = None
+  phase5.run(settings, runner=runner, tokenizer=tokenizer, evaluate_fn=counting,
+             progress=False)
+  assert len(calls) == 6 - 3  # 2 methods x 3 schemes; the finished ones are not redone
+  records = _check_files(tmp_path, 'phase5')
+  by_label = {r['method']: r for r in records}
+  assert set(by_label) == {f'{m}[kv_bits={s}]' for m in ('full', 'headaware')
+                           for s in ('16', '4/2', 'roles')}
+  assert {r['status'] for r in records} == {'ok'}, records
+  assert by_label['headaware[kv_bits=4/2]']['budget'] == 64
+  assert 'kv_bits=4/2' in by_label['headaware[kv_bits=4/2]']['spec']
+  calls.clear()
+  phase5.run(settings, evaluate_fn=counting)  # nothing left: no model is loaded
+  assert not calls
+  with pytest.raises(app.UsageError, match='other flags'):
+    phase5.run(dataclasses.replace(settings, schemes=('8',)), runner=runner,
+               tokenizer=tokenizer)
+
+
+def test_phase5_quantized_records(model, profile_path, tmp_path):
+  """Quantized cells record their bits and hold fewer bytes (needs the quantized caches)."""
+  runner, tokenizer = model
+  settings = _settings(tmp_path, profile_path, methods=('headaware',), schemes=('16', '4/2'),
+                       budgets=(64,))
+  phase5.run(settings, runner=runner, tokenizer=tokenizer, progress=False)
+  by_label = {r['method']: r for r in _check_files(tmp_path, 'phase5')}
+  full, low = by_label['headaware[kv_bits=16]'], by_label['headaware[kv_bits=4/2]']
+  assert low['cache_bytes'] < full['cache_bytes']
+  assert low['effective_bits'] < full['effective_bits']
+  assert np.asarray(low['head_bits']).shape == (2, 2, 2)
+  assert {tuple(p) for p in np.asarray(low['head_bits']).reshape(-1, 2)} == {(4, 2)}
+
+
 def test_other_flags_refused_unless_overwrite(model, profile_path, tmp_path):
   runner, tokenizer = model
   settings = _settings(tmp_path, profile_path, methods=('streamingllm',), budget=32)
@@ -249,8 +355,11 @@ def test_phase3_variants_and_phase4_report(model, profile_path, tmp_path):
 def test_run_all_quick_writes_every_phase(model, profile_path, tmp_path, monkeypatch):
   runner, tokenizer = model
   for module, methods in ((phase0, ('full', 'oracle')), (phase1, ('full', 'headaware')),
-                          (phase2, ('headaware',)), (phase3, ('headaware[roles]',))):
+                          (phase2, ('headaware',)), (phase3, ('headaware[roles]',)),
+                          (phase5, ('headaware',))):
     quick = dict(module.GRIDS['quick'], methods=methods, num_samples=1, tasks=('passkey',))
+    if module is phase5:
+      quick['schemes'] = ('roles',)
     monkeypatch.setitem(module.GRIDS, 'quick', quick)  # fewer cells: compiles dominate
   monkeypatch.setitem(phase2.GRID_BUDGETS, 'quick', (64,))
   settings = _settings(tmp_path, profile_path, tasks=None, num_samples=None, budget=64,
@@ -279,7 +388,14 @@ def test_flags_make_settings():
     flags.FLAGS(['phase3', '--methods=full,headaware[pool_kernel=13,sinks=4],headaware'])
     assert exp_flags.settings_from_flags().methods == (
         'full', 'headaware[pool_kernel=13,sinks=4]', 'headaware')
-    flags.FLAGS(['phase1', '--lengths=1k'])
+    flags.FLAGS(['phase5', '--kv_bits=KIVI2', '--schemes=16,roles:8/8,4/2,2/2,4,avg:3'])
+    settings = exp_flags.settings_from_flags()
+    assert settings.kv_bits == 'kivi2'
+    assert settings.schemes == ('16', 'roles:8,4/2,2', '4', 'avg:3')
+    flags.FLAGS(['phase1', '--kv_bits=4/8'])
+    with pytest.raises(app.UsageError, match='4/8'):
+      exp_flags.settings_from_flags()
+    flags.FLAGS(['phase1', '--kv_bits=16', '--lengths=1k'])
     with pytest.raises(app.UsageError, match='1k'):
       exp_flags.settings_from_flags()
   with pytest.raises(app.UsageError, match='chunk_size'):

@@ -66,3 +66,63 @@ def test_missing_heatmap_and_empty_dir(tmp_path):
   os.makedirs(empty)
   text = open(report.render_report(str(empty)), encoding='utf-8').read()
   assert text.count('phase skipped') == len(report.PHASES)
+
+
+def _phase5_records():
+  """Fixture phase-5 records: 3 labels x budgets, with bytes, effective bits and head bits."""
+  rows = []
+  roles = [[[8, 8], [2, 2]], [[4, 4], [8, 8]], [[2, 2], [2, 2]]]  # [layers][Hkv][k, v]
+  cells = [('full[kv_bits=16]', 0, 4e6, 32.0, 1.0, [[[16, 16]] * 2] * 3),
+           ('full[kv_bits=4/2]', 0, 1.1e6, 4.0, 0.9, [[[4, 2]] * 2] * 3),
+           ('headaware[kv_bits=16]', 128, 5e5, 32.0, 0.8, [[[16, 16]] * 2] * 3),
+           ('headaware[kv_bits=16]', 256, 1e6, 32.0, 0.9, [[[16, 16]] * 2] * 3),
+           ('headaware[kv_bits=roles]', 128, 1.5e5, 5.5, 0.85, roles),
+           ('headaware[kv_bits=roles]', 256, 3e5, 5.5, 0.7, roles)]
+  for method, budget, nbytes, bits, accuracy, head_bits in cells:
+    for sample in range(2):
+      rows.append({'phase': 'phase5', 'method': method, 'task': 'niah_single', 'length': 2000,
+                   'budget': budget, 'sample': sample, 'status': 'ok',
+                   'accuracy': accuracy - 0.1 * sample, 'cache_bytes': nbytes + sample,
+                   'effective_bits': bits, 'head_bits': head_bits})
+      rows.append({'phase': 'phase5', 'method': method, 'task': 'perplexity', 'length': 2000,
+                   'budget': budget, 'sample': sample, 'status': 'ok', 'perplexity': 12.0,
+                   'cache_bytes': nbytes, 'effective_bits': bits, 'head_bits': head_bits})
+  rows.append({'phase': 'phase5', 'method': 'headaware[kv_bits=2]', 'task': 'niah_single',
+               'length': 2000, 'budget': 128, 'sample': 0, 'status': 'skipped',
+               'reason': 'no quantized pages'})
+  return rows
+
+
+def test_phase5_pareto_and_head_bits_plots(tmp_path):
+  os.makedirs(tmp_path / 'phase5')
+  with open(tmp_path / 'phase5' / 'results.jsonl', 'w', encoding='utf-8') as f:
+    for r in _phase5_records():
+      f.write(json.dumps(r) + '\n')
+  text = open(report.render_report(str(tmp_path)), encoding='utf-8').read()
+  phase5 = text.split('## phase5')[1]
+  names = ('phase5_accuracy_vs_cache_bytes.png', 'phase5_accuracy_vs_effective_bits.png',
+           'phase5_head_bits.png', 'phase5_accuracy_vs_budget.png')
+  for name in names:
+    assert f']({name})' in phase5
+    assert (tmp_path / 'report' / name).read_bytes().startswith(PNG_MAGIC)
+  assert 'effective_bits' in phase5 and '| headaware[kv_bits=roles] |' in phase5
+
+
+def test_pareto_front_and_labels():
+  # (bytes, accuracy): the front keeps the cheapest best-so-far points, in bytes order.
+  x = [4e6, 1.1e6, 5e5, 1e6, 1.5e5, 3e5, 1.5e5]
+  y = [1.0, 0.9, 0.8, 0.9, 0.85, 0.7, 0.6]
+  assert report.pareto_front(x, y).tolist() == [4, 3, 0]
+  assert report.short_label('headaware[kv_bits=roles:8,4/2,2]') == 'headaware roles:8,4/2,2'
+  assert report.short_label('headaware[uniform]') == 'headaware[uniform]'
+
+
+def test_head_bits_heatmap_needs_head_bits(tmp_path):
+  path = str(tmp_path / 'bits.png')
+  assert not report.draw_head_bits([{'method': 'full', 'head_bits': None},
+                                    {'method': 'x', 'head_bits': [[1, 2, 3]]}], path)
+  assert not os.path.exists(path)
+  records = [{'method': f'headaware[kv_bits={i}]', 'head_bits': [[[8, 4]] * 8] * 30}
+             for i in range(8)]  # 30 layers x 8 KV heads, 8 panels over two rows
+  assert report.draw_head_bits(records, path)
+  assert open(path, 'rb').read().startswith(PNG_MAGIC)

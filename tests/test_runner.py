@@ -73,6 +73,20 @@ def test_differing_flags_refused(tmp_path):
                         ignore_flags={'budget'}).close()
 
 
+def test_added_flags_resume_older_runs(tmp_path):
+  """A run saved before a flag existed resumes at that flag's old behaviour, not another."""
+  results.ResultsWriter(str(tmp_path), 'phase2', FLAGS).close()
+  added = {'kv_bits': '16', 'schemes': None}
+  results.ResultsWriter(str(tmp_path), 'phase2', {**FLAGS, 'kv_bits': '16', 'schemes': None},
+                        added_flags=added).close()
+  with pytest.raises(ValueError, match=r"kv_bits: saved '16' != new '4/2'"):
+    results.ResultsWriter(str(tmp_path), 'phase2', {**FLAGS, 'kv_bits': '4/2'},
+                          added_flags=added)
+  with pytest.raises(ValueError, match='kv_bits: saved None'):  # only when asked
+    results.ResultsWriter(str(tmp_path / 'other'), 'phase2', FLAGS).close()
+    results.ResultsWriter(str(tmp_path / 'other'), 'phase2', {**FLAGS, 'kv_bits': '16'})
+
+
 def test_overwrite_discards(tmp_path):
   writer = results.ResultsWriter(str(tmp_path), 'phase2', FLAGS)
   writer.write(_record('headaware', 0, accuracy=1.0))

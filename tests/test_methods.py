@@ -11,6 +11,7 @@ from models.config import LlamaConfig
 from models.generation import generate, method_hooks
 from models.llama import Llama
 from models.runner import ModelRunner
+from tests import tiny_models
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_layers=3,
                   num_heads=6, num_kv_heads=2, head_dim=8, max_position_embeddings=512)
@@ -111,15 +112,6 @@ def test_budgets_are_capped_at_the_longest_possible_sequence():
   assert (floor == 32).all()  # never below the policy's minimum
 
 
-def _tiny_profile():
-  from headkv_jax import profile as profile_lib
-  rng = np.random.default_rng(4)
-  return profile_lib.HeadProfile(
-      model_id="tiny", num_layers=3, num_kv_heads=2, num_q_heads=6,
-      scores={n: rng.random((3, 2)) for n in profile_lib.SCORE_NAMES},
-      roles=np.array([[0, 2], [1, 2], [2, 0]]))
-
-
 @pytest.mark.parametrize("name, kv_bits", [
     ("full", "kivi2"), ("streamingllm", "8"), ("h2o", "4/2"), ("snapkv", "4"),
     ("pyramidkv", "2"), ("adakv", "8/4"), ("headaware", "roles"), ("headaware", "avg:5"),
@@ -128,7 +120,7 @@ def test_every_policy_runs_with_a_bit_scheme(runner, name, kv_bits):
   """Each policy decodes from quantized storage: bits per head as the scheme says, fewer bytes
   than the same method at 16 bits, effective bits reported."""
   prompts = _prompts()
-  profile = _tiny_profile()
+  profile = tiny_models.tiny_profile(4, [[0, 2], [1, 2], [2, 0]])
   budget = 0 if name == "full" else 64
 
   def run(bits):

@@ -7,7 +7,6 @@ from flax import nnx
 
 from headkv_jax import cache_attention
 from headkv_jax import methods
-from headkv_jax import profile as profile_lib
 from headkv_jax import prompt_stats
 from headkv_jax.dense_cache import DenseKVCache
 from models.config import LlamaConfig
@@ -15,6 +14,7 @@ from models.generation import generate, method_hooks
 from models.llama import Llama
 from models.runner import ModelRunner
 from models.shared_prefill import generate_shared
+from tests import tiny_models
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_layers=3,
                   num_heads=6, num_kv_heads=2, head_dim=8, max_position_embeddings=512)
@@ -28,11 +28,7 @@ def runner():
 
 @pytest.fixture(scope="module")
 def profile():
-  rng = np.random.default_rng(1)
-  return profile_lib.HeadProfile(
-      model_id="tiny", num_layers=3, num_kv_heads=2, num_q_heads=6,
-      scores={n: rng.random((3, 2)) for n in profile_lib.SCORE_NAMES},
-      roles=np.array([[0, 1], [2, 2], [2, 0]]))
+  return tiny_models.tiny_profile(1, [[0, 1], [2, 2], [2, 0]])
 
 
 def _prompts():

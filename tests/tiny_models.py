@@ -44,3 +44,15 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
   import torch
   with torch.no_grad():
     return model(torch.tensor(tokens)).logits.float().numpy()
+
+
+def tiny_profile(seed: int, roles, num_q_heads: int = 6):
+  """A random head profile of a tiny model: ``roles [layers, kv_heads]``, uniform scores."""
+  from headkv_jax import profile as profile_lib
+
+  roles = np.asarray(roles)
+  rng = np.random.default_rng(seed)
+  return profile_lib.HeadProfile(
+      model_id="tiny", num_layers=roles.shape[0], num_kv_heads=roles.shape[1],
+      num_q_heads=num_q_heads,
+      scores={n: rng.random(roles.shape) for n in profile_lib.SCORE_NAMES}, roles=roles)

@@ -135,6 +135,15 @@ def method_budgets(spec: MethodSpec, num_layers: int, num_kv_heads: int, *,
   return budgets
 
 
+def paged_budgets(spec: MethodSpec, num_layers: int, num_kv_heads: int, *, max_len: int,
+                  profile: HeadProfile | None = None) -> np.ndarray:
+  """Budgets ``[layers, Hkv]`` of ``spec``'s paged cache: :func:`method_budgets`, or, for
+  ``full`` (a paged cache only when quantized), every head keeps all ``max_len`` tokens."""
+  if spec.name == "full":
+    return np.full((num_layers, num_kv_heads), max_len, np.int32)
+  return method_budgets(spec, num_layers, num_kv_heads, max_len=max_len, profile=profile)
+
+
 def method_bits(spec: MethodSpec, budgets: np.ndarray, *,
                 profile: HeadProfile | None = None) -> dict:
   """``PagedKVCache.create`` keyword arguments of ``spec``'s bit scheme for ``budgets``
@@ -162,11 +171,8 @@ def make_cache(spec: MethodSpec, *, num_layers: int, num_kv_heads: int, head_dim
   """
   if spec.name == "full" and spec.bit_scheme.is_full_precision:
     return DenseKVCache.create(num_layers, batch, num_kv_heads, head_dim, capacity, dtype)
-  if spec.name == "full":
-    budgets = np.full((num_layers, num_kv_heads), max_len or capacity, np.int32)
-  else:
-    budgets = method_budgets(spec, num_layers, num_kv_heads, max_len=max_len,
-                             profile=profile)
+  budgets = paged_budgets(spec, num_layers, num_kv_heads, max_len=max_len or capacity,
+                          profile=profile)
   return PagedKVCache.create(num_layers, batch, num_kv_heads, head_dim, budgets,
                              spec.policy(), chunk_size=chunk_size, dtype=dtype,
                              page_size=page_size,

@@ -115,15 +115,12 @@ def generate_from(runner: ModelRunner, shared: SharedPrefill, spec: methods_lib.
   if spec.name == "full" and spec.bit_scheme.is_full_precision:
     cache = jax.block_until_ready(jax.tree_util.tree_map(jnp.copy, shared.recorded.dense))
     return run(cache=cache, prefill_s=shared.prefill_s + time.perf_counter() - t0)
-  max_len = int(shared.lengths.max()) + shared.max_new_tokens
-  if spec.name == "full":  # quantization without eviction: every token kept
-    budgets = np.full((cfg.num_layers, cfg.num_kv_heads), max_len, np.int32)
-  else:
-    budgets = methods_lib.method_budgets(spec, cfg.num_layers, cfg.num_kv_heads,
-                                         profile=profile, max_len=max_len)
+  budgets = methods_lib.paged_budgets(
+      spec, cfg.num_layers, cfg.num_kv_heads, profile=profile,
+      max_len=int(shared.lengths.max()) + shared.max_new_tokens)
   bits = methods_lib.method_bits(spec, budgets, profile=profile)
-  cache = jax.block_until_ready(_compress(
-      shared.recorded, _static(budgets), spec.policy(), _static(bits["bits"]), bits["residual"]))
+  cache = jax.block_until_ready(_compress(shared.recorded, _static(budgets), spec.policy(),
+                                          _static(bits["bits"]), bits["residual"]))
   return run(cache=cache, prefill_s=shared.prefill_s + time.perf_counter() - t0,
              after_decode_step=generation._jit_compress)
 

@@ -33,6 +33,9 @@ _STEPS = flags.DEFINE_integer("decode_steps", 32, "Decode steps (the first compi
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one method and print JSON.")
 
 
+_ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", ["auto", "pallas", "xla"],
+                                     'How decode steps of the compressed caches attend: auto (the fused Pallas kernel on a GPU, XLA elsewhere), pallas (the kernel; interpret mode off a GPU, slow) or xla (dequantize-then-attend).')
+
 def parse_method(label: str) -> tuple[str, str]:
   """``'headaware[kv_bits=roles]'`` -> ``('headaware', 'roles')``; a bare name takes --kv_bits."""
   match = re.fullmatch(r"(\w+)(?:\[kv_bits=([^\]]+)\])?", label.strip())
@@ -46,11 +49,13 @@ def run_one(label: str) -> dict:
   from experiments.evaluate import evaluate_sample
   from experiments.tasks import make_task
   from headkv_jax.bits import parse_kv_bits
+  from headkv_jax.kernel_decode import set_default_impl
   from headkv_jax.methods import MethodSpec, PROFILE_METHODS
   from models.loading import load_model
   from models.runner import ModelRunner
 
   method, kv_bits = parse_method(label)
+  set_default_impl(_ATTENTION_IMPL.value)
   model, tokenizer = load_model(_MODEL.value)
   profile = None
   if method in PROFILE_METHODS or parse_kv_bits(kv_bits).needs_profile:
@@ -76,7 +81,8 @@ def main(argv):
   for method in _METHODS.value:
     argv = [sys.executable, "-m", "experiments.bench_cache", f"--child={method}"] + [
         f"--{f}={flags.FLAGS[f].serialize().split('=', 1)[1]}" for f in
-        ("model", "length", "budget", "chunk_size", "decode_steps", "kv_bits")]
+        ("model", "length", "budget", "chunk_size", "decode_steps", "kv_bits",
+         "attention_impl")]
     proc = subprocess.run(argv, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:

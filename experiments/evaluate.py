@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import results
+from headkv_jax import kernel_decode
 from headkv_jax import methods
 from models import generation
 from models import shared_prefill
@@ -30,7 +31,8 @@ def _cache_metrics(cache) -> dict:
   metrics = {"cache_bytes": int(cache.nbytes), "kv_tokens_mean": float(counts.mean()),
              "kv_tokens_max": int(counts.max())}
   if hasattr(cache, "head_bits"):
-    metrics.update(effective_bits=cache.effective_bits, head_bits=cache.head_bits.tolist())
+    metrics.update(effective_bits=cache.effective_bits, head_bits=cache.head_bits.tolist(),
+                   attention_impl=kernel_decode.resolve_impl(cache.attention_impl))
   else:
     metrics.update(effective_bits=float(np.dtype(cache.layers[0].k.dtype).itemsize * 8))
   return metrics

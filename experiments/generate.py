@@ -47,6 +47,9 @@ _ALLOW_LONG = flags.DEFINE_bool(
     "allow_long_context", False, "Allow prompts past the model's max_position_embeddings.")
 
 
+_ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", ["auto", "pallas", "xla"],
+                                     'How decode steps of the compressed caches attend: auto (the fused Pallas kernel on a GPU, XLA elsewhere), pallas (the kernel; interpret mode off a GPU, slow) or xla (dequantize-then-attend).')
+
 def read_prompts() -> list[str]:
   prompts = list(_PROMPT.value or [])
   if _PROMPT_FILE.value:
@@ -63,12 +66,14 @@ def read_prompts() -> list[str]:
 def main(argv):
   del argv
   from headkv_jax import bits
+  from headkv_jax import kernel_decode
   from headkv_jax import methods
   from models.generation import generate, method_hooks
   from models.loading import load_model
   from models.runner import ModelRunner
   from models.sampling import SamplingConfig
 
+  kernel_decode.set_default_impl(_ATTENTION_IMPL.value)
   texts = read_prompts()
   try:
     spec = methods.MethodSpec(_METHOD.value, _BUDGET.value, position_mode=_POSITION_MODE.value,

@@ -48,6 +48,7 @@ def main(argv):
     if flags.FLAGS.grid not in ('default', 'quick'):
       raise app.UsageError(f'--quick contradicts --grid={flags.FLAGS.grid}.')
     overrides['grid'] = 'quick'
+  exp_flags.apply_attention_impl()
   settings = exp_flags.settings_from_flags(**overrides)
   print(f'Wrote {run(settings)}')
 

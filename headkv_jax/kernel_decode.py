@@ -61,9 +61,24 @@ def on_gpu() -> bool:
   return jax.default_backend() in GPU_BACKENDS
 
 
+_default_impl = "auto"
+
+
+def set_default_impl(impl: str) -> None:
+  """What ``attention_impl="auto"`` caches use in this process (the binaries'
+  ``--attention_impl``); ``"auto"`` itself means "pallas" on a GPU backend, "xla" elsewhere.
+  Set it before the first step is traced: compiled steps keep the choice they were traced
+  with."""
+  global _default_impl
+  _default_impl = check_impl(impl)
+
+
 def resolve_impl(impl: str) -> str:
-  """"pallas" or "xla": ``"auto"`` is "pallas" on a GPU backend, "xla" elsewhere."""
+  """"pallas" or "xla": ``"auto"`` follows :func:`set_default_impl`, then the backend
+  ("pallas" on a GPU, "xla" elsewhere)."""
   check_impl(impl)
+  if impl == "auto":
+    impl = _default_impl
   if impl == "auto":
     return "pallas" if on_gpu() else "xla"
   return impl

@@ -119,3 +119,18 @@ def test_auto_resolution_and_errors():
   assert cache.rechunk(1).attention_impl == "auto"
   assert PagedKVCache.create(1, 1, 1, D, 8, "h2o", chunk_size=4, page_size=4,
                              attention_impl="pallas").rechunk(1).attention_impl == "pallas"
+
+
+def test_process_default_decides_auto():
+  """`--attention_impl` sets what "auto" caches use; an explicit setting always wins."""
+  try:
+    kernel_decode.set_default_impl("pallas")
+    assert kernel_decode.resolve_impl("auto") == "pallas"
+    assert kernel_decode.resolve_impl("xla") == "xla"
+    kernel_decode.set_default_impl("xla")
+    assert kernel_decode.resolve_impl("auto") == "xla"
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+      kernel_decode.set_default_impl("cuda")
+  finally:
+    kernel_decode.set_default_impl("auto")
+  assert kernel_decode.resolve_impl("auto") == ("pallas" if kernel_decode.on_gpu() else "xla")

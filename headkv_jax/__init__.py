@@ -5,9 +5,10 @@ The cache contract every model call uses::
     out, cache = cache.attend(layer, q, k, v, positions, rope)
 
 ``DenseKVCache`` keeps everything; ``PagedKVCache`` keeps per-(layer, KV head) budgets in page
-pools sized from those budgets and evicts with a policy. ``MethodSpec`` / ``make_cache`` build
-either from a method name and an average budget; head profiles and ``allocate_budgets`` give
-the per-head budgets of the head-aware method.
+pools sized from those budgets, stores each KV head at its own bits (16 / 8 / 4 / 2, HAQ-KV)
+and evicts with a policy. ``MethodSpec`` / ``make_cache`` build either from a method name, an
+average budget and a bit scheme (``parse_kv_bits``); head profiles, ``allocate_budgets`` and
+``allocate_bits`` give the per-head budgets and bits of the head-aware method.
 """
 
 # Rotary embeddings shared by the models and the caches.

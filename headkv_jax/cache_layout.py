@@ -4,13 +4,15 @@ A layer's slots ``[0, S)`` are split into one block per *bit class* (the heads w
 (key bits, value bits)), classes in order of their first head; inside a block every head owns
 a fixed, page-aligned region of ``round_up(budget + chunk_size, page_size)`` slots. adakv
 (one class: its heads share one pool) packs regions from one total instead. Everything here
-is plain Python / numpy on static configuration: it decides array shapes, never values.
+but :func:`join_classes` is plain Python / numpy on static configuration: it decides array
+shapes, never values.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 
 from headkv_jax import quantization
@@ -54,6 +56,14 @@ def layer_layout(budgets, bits, adaptive: bool, chunk_size: int, page_size: int)
   return tuple(classes), need, offsets
 
 
+def join_classes(xs, classes):
+  """Per-class arrays ``[B, Hc, ...]`` (in ``classes`` order) -> ``[B, Hkv, ...]`` in head order."""
+  if len(xs) == 1:
+    return xs[0]
+  order = np.argsort(np.concatenate([c.heads for c in classes]))  # class order -> heads
+  return jnp.concatenate(xs, axis=1)[:, order]
+
+
 def as_bits(bits, shape) -> np.ndarray:
   """``bits`` None / ``[L, Hkv]`` / ``[L, Hkv, 2]`` -> int ``[L, Hkv, 2]`` (key, value);
   raises for widths outside ``SUPPORTED_BITS`` or values with more bits than keys."""
@@ -75,4 +85,4 @@ def as_bits(bits, shape) -> np.ndarray:
   return bits.astype(np.int64)
 
 
-__all__ = ["BitClass", "layer_layout", "as_bits"]
+__all__ = ["BitClass", "layer_layout", "join_classes", "as_bits"]

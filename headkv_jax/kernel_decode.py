@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from headkv_jax import cache_layout
 from headkv_jax import fp_window
 from headkv_jax import slot_pool
 from headkv_jax import slot_store
@@ -198,8 +199,7 @@ def decode_attention(cache, layer: int, qg, k_new, v_new, positions, pc, *,
         p = p.at[rows, hh, gg, idx].add(p_w, mode="drop")
       probs.append(p[..., :view_len])
 
-  order = np.argsort(np.concatenate([c.heads for c in cache.classes(layer)]))
-  cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=1)[:, order]
+  cat = lambda xs: cache_layout.join_classes(xs, cache.classes(layer))
   lse = cat(lses)  # [B, Hkv, G]
   out = jnp.where(q_valid[:, None, None, None], cat(outs), 0.0)[:, :, :, None]
   if need_probs:

@@ -403,10 +403,7 @@ class PagedKVCache:
         k, v, _ = fp_window.read(fp, pc[:, cls.heads], k, v, self.fp_sinks, self.residual)
       ks.append(k)
       vs.append(v)
-    if len(classes) == 1:
-      return ks[0], vs[0], pc, sc, idx
-    order = np.argsort(np.concatenate([c.heads for c in classes]))  # class order -> heads
-    return (jnp.concatenate(ks, axis=1)[:, order], jnp.concatenate(vs, axis=1)[:, order],
+    return (cache_layout.join_classes(ks, classes), cache_layout.join_classes(vs, classes),
             pc, sc, idx)
 
   # ---- the model contract ------------------------------------------------------------------

@@ -4,19 +4,27 @@ r"""Compressed vs full KV cache at long context: memory, prefill and decode, sam
   python -m experiments.bench_cache --length=8000 --methods=full,snapkv,headaware --budget=512
   python -m experiments.bench_cache --methods=full,headaware,headaware[kv_bits=roles]  # HAQ-KV
 
-Each method runs in its own child process so "peak RSS" is that method's alone. The prompt is
-a passkey sample of exactly ``--length`` tokens, prefilled in chunks of ``--chunk_size``; then
-``--decode_steps`` tokens are generated. Prints one row per method and the ratios vs full.
+Each method runs in its own fresh child process (this module with ``--child``), so its peak
+RSS and its compiled programs are its own; the parent collects one JSON line per method. The
+prompt is a passkey sample of exactly ``--length`` tokens, prefilled in chunks of
+``--chunk_size``; then ``--decode_steps`` tokens are generated.
+
+Before the methods, the parent measures the machine's copy bandwidth (streaming passes over
+``--copy_mb`` MiB, see ``experiments.bench_floor``). A method's memory floor is its param bytes
+plus its cache's bytes while decoding, over that bandwidth: the table gives decode ms/token
+beside the floor and their ratio. Prints one row per method and the ratios vs full.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
 
 from absl import app, flags
+
+from experiments import bench_floor
+from experiments import cli
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Alias, HF directory or .gguf file.")
 _LENGTH = flags.DEFINE_integer("length", 20000, "Prompt length in tokens.")
@@ -30,10 +38,9 @@ _KV_BITS = flags.DEFINE_string("kv_bits", "16", "Storage bits per KV head of eve
                                "16, 8, 4, 2, K/V (e.g. 4/2), kivi2, roles, roles:8/8,4/2,2/2, "
                                "avg:3.5; see headkv_jax.bits.")
 _STEPS = flags.DEFINE_integer("decode_steps", 32, "Decode steps (the first compiles, untimed).")
+_COPY_MB = flags.DEFINE_integer("copy_mb", 512, "Size of the copy-bandwidth probe, MiB.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one method and print JSON.")
 
-
-_ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", ["auto", "pallas", "xla"],
                                      'How decode steps of the compressed caches attend: auto (the fused Pallas kernel on a GPU, XLA elsewhere), pallas (the kernel; interpret mode off a GPU, slow) or xla (dequantize-then-attend).')
 
 def parse_method(label: str) -> tuple[str, str]:
@@ -49,13 +56,11 @@ def run_one(label: str) -> dict:
   from experiments.evaluate import evaluate_sample
   from experiments.tasks import make_task
   from headkv_jax.bits import parse_kv_bits
-  from headkv_jax.kernel_decode import set_default_impl
   from headkv_jax.methods import MethodSpec, PROFILE_METHODS
   from models.loading import load_model
   from models.runner import ModelRunner
 
   method, kv_bits = parse_method(label)
-  set_default_impl(_ATTENTION_IMPL.value)
   model, tokenizer = load_model(_MODEL.value)
   profile = None
   if method in PROFILE_METHODS or parse_kv_bits(kv_bits).needs_profile:
@@ -69,46 +74,45 @@ def run_one(label: str) -> dict:
   cfg = model.config  # the full cache of prompt + new tokens in bfloat16, K and V
   bf16 = 2 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (
       len(sample.prompt_tokens) + _STEPS.value)
-  return dict(record, method=label, full_bf16_kv_bytes=bf16)
+  return dict(record, method=label, full_bf16_kv_bytes=bf16,
+              param_bytes=bench_floor.param_bytes(model))
+
+
+def run_child(method: str) -> dict:
+  """``method``'s record, from a fresh process of this module (its peak RSS is its own)."""
+  argv = [sys.executable, "-m", "experiments.bench_cache", f"--child={method}"] + [
+      f"--{f}={flags.FLAGS[f].serialize().split('=', 1)[1]}" for f in
+      ("model", "length", "budget", "chunk_size", "decode_steps", "kv_bits",
+       "attention_impl")] + cli.cache_flags()
+  proc = subprocess.run(argv, capture_output=True, text=True)
+  record = bench_floor.parse_result(proc.stdout)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("bench_cache: error: ")]
+  if proc.returncode and errors:  # a user's error (bad model, profile): its one line
+    raise SystemExit(errors[-1])
+  if proc.returncode or record is None:
+    print(proc.stderr[-3000:], file=sys.stderr)
+    raise SystemExit(f"method {method} failed (exit {proc.returncode})")
+  return record
 
 
 def main(argv):
   del argv
   if _CHILD.value:
-    print("RESULT " + json.dumps(run_one(_CHILD.value)))
+    print(bench_floor.result_line(run_one(_CHILD.value)))
     return
-  rows = []
-  for method in _METHODS.value:
-    argv = [sys.executable, "-m", "experiments.bench_cache", f"--child={method}"] + [
-        f"--{f}={flags.FLAGS[f].serialize().split('=', 1)[1]}" for f in
-        ("model", "length", "budget", "chunk_size", "decode_steps", "kv_bits",
-         "attention_impl")]
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode or not lines:
-      print(proc.stderr[-3000:], file=sys.stderr)
-      raise SystemExit(f"method {method} failed (exit {proc.returncode})")
-    rows.append(json.loads(lines[-1][len("RESULT "):]))
+  for method in _METHODS.value:  # a bad entry fails before anything runs
+    parse_method(method)
+  rates = bench_floor.probe_bandwidths(_COPY_MB.value)
+  bandwidth = bench_floor.floor_bandwidth(rates)
+  rows = [bench_floor.with_floor(run_child(m), bandwidth) for m in _METHODS.value]
   print(f"{_LENGTH.value} tokens, chunk {_CHUNK.value}, budget {_BUDGET.value}, kv_bits "
-        f"{_KV_BITS.value}, model {_MODEL.value}")
-  head = ("method", "cache MB (decode)", "x fewer than full bf16", "effective bits",
-          "cache MB (prefill)", "peak RSS MB", "prefill s", "decode ms/tok", "passkey")
-  print("| " + " | ".join(head) + " |")
-  print("|" + "---|" * len(head))
-  for r in rows:
-    print(f"| {r['method']} | {r['cache_bytes'] / 2**20:.1f} | "
-          f"{r['full_bf16_kv_bytes'] / r['cache_bytes']:.1f} | {r['effective_bits']:.2f} | "
-          f"{r['prefill_cache_bytes'] / 2**20:.1f}"
-          f" | {r['peak_rss_bytes'] / 2**20:.0f} | {r['prefill_s']:.1f} | "
-          f"{r['decode_ms_per_token']:.1f} | {r['accuracy']:.0f} |")
-  base = next((r for r in rows if r["method"] == "full"), None)
-  if base:
-    for r in rows:
-      if r is not base:
-        print(f"{r['method']} vs full: cache bytes {base['cache_bytes'] / r['cache_bytes']:.1f}x "
-              f"smaller, decode {base['decode_ms_per_token'] / r['decode_ms_per_token']:.1f}x "
-              f"faster, prefill {base['prefill_s'] / r['prefill_s']:.2f}x")
+        f"{_KV_BITS.value}, model {_MODEL.value}, {_STEPS.value} decode steps")
+  probes = ", ".join(f"{name} {rate / 1e9:.1f}" for name, rate in rates.items())
+  print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (best of {probes} GB/s over "
+        f"{_COPY_MB.value} MiB); params read per step {rows[0]['param_bytes'] / 2**20:.1f} MB; "
+        "floor ms/tok = (params + cache MB (decode)) / copy bandwidth")
+  print("\n".join(bench_floor.table(rows) + bench_floor.versus_full(rows)))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -25,11 +25,12 @@ import importlib.util
 import statistics
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from pallas_kernels import quantized_decode_attention as qda
 
 _BITS = flags.DEFINE_list("bits", ["16", "8", "4", "2"], "Bits per side: 'B' or 'K/V' (4/2).")
@@ -301,4 +302,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

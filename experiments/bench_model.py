@@ -15,6 +15,8 @@ import time
 from absl import app, flags
 import numpy as np
 
+from experiments import cli
+
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Alias, HF directory or .gguf file.")
 _PREFILL = flags.DEFINE_integer("prefill_len", 2048, "Prompt length for the prefill figure.")
 _CONTEXT = flags.DEFINE_integer("decode_context", 4096, "Context length for the decode figure.")
@@ -138,4 +140,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

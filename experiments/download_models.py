@@ -15,6 +15,7 @@ import sys
 from absl import app
 from absl import flags
 
+from experiments import cli
 from models import embedded
 
 _MODEL = flags.DEFINE_string(
@@ -67,4 +68,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

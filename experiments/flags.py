@@ -7,6 +7,12 @@ Grid flags left unset (`--methods`, `--lengths`, `--budget`, `--budgets`, `--tas
 'paper'; see each phase's GRIDS). `--kv_bits` stores every cell's cache at those bits
 (`headkv_jax.bits`). Importing this module defines the flags once, so the phase modules and
 `run_all` can all import it.
+
+The flags of every binary, phases or not, are in `experiments/cli.py`, which each binary starts
+through (`cli.run(main)`): `--compilation_cache_dir` (JAX's persistent compilation cache) and
+`--params_cache_dir` (the embedded models' converted parameters), both on by default under
+`~/.cache/headkv_jax/` ('' turns one off); it also prints a user's error (a bad flag value,
+model or head profile) as one line with exit status 1.
 """
 
 import re
@@ -62,9 +68,6 @@ _SCHEMES = flags.DEFINE_list(
     'schemes', None,
     "Phase 5: the --kv_bits schemes to sweep, e.g. '16,4/2,kivi2,roles,avg:3'; default: the "
     "grid's.")
-_ATTENTION_IMPL = flags.DEFINE_enum(
-    'attention_impl', 'auto', ['auto', 'pallas', 'xla'],
-    'How decode steps of the compressed caches attend: auto (the fused Pallas kernel on a GPU, XLA elsewhere), pallas (the kernel; interpret mode off a GPU, slow) or xla (dequantize-then-attend).')
 _SHARED_PREFILL = flags.DEFINE_bool(
     'shared_prefill', False,
     'One-shot eviction from one prefill per sample shared by every method and budget (a '
@@ -130,13 +133,6 @@ def settings_from_flags(**overrides) -> grid.Settings:
   return grid.Settings(**values)
 
 
-def apply_attention_impl() -> None:
-  """Makes `--attention_impl` the process default of every compressed cache."""
-  from headkv_jax import kernel_decode
-
-  kernel_decode.set_default_impl(_ATTENTION_IMPL.value)
-
-
 def phase_main(phase: str, run):
   """The ``main(argv)`` of a phase binary: flags -> ``run(settings)`` -> printed summary."""
   from absl import app
@@ -144,7 +140,6 @@ def phase_main(phase: str, run):
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    apply_attention_impl()
     settings = settings_from_flags()
     grid.print_summary(phase, run(settings), settings.output_dir)
 

@@ -20,6 +20,8 @@ import time
 from absl import app, flags
 import numpy as np
 
+from experiments import cli
+
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Alias, HF directory or .gguf file.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for a batch).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Read one prompt from this file.")
@@ -47,8 +49,6 @@ _ALLOW_LONG = flags.DEFINE_bool(
     "allow_long_context", False, "Allow prompts past the model's max_position_embeddings.")
 
 
-_ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", ["auto", "pallas", "xla"],
-                                     'How decode steps of the compressed caches attend: auto (the fused Pallas kernel on a GPU, XLA elsewhere), pallas (the kernel; interpret mode off a GPU, slow) or xla (dequantize-then-attend).')
 
 def read_prompts() -> list[str]:
   prompts = list(_PROMPT.value or [])
@@ -66,14 +66,12 @@ def read_prompts() -> list[str]:
 def main(argv):
   del argv
   from headkv_jax import bits
-  from headkv_jax import kernel_decode
   from headkv_jax import methods
   from models.generation import generate, method_hooks
   from models.loading import load_model
   from models.runner import ModelRunner
   from models.sampling import SamplingConfig
 
-  kernel_decode.set_default_impl(_ATTENTION_IMPL.value)
   texts = read_prompts()
   try:
     spec = methods.MethodSpec(_METHOD.value, _BUDGET.value, position_mode=_POSITION_MODE.value,
@@ -135,4 +133,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

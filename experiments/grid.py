@@ -223,7 +223,7 @@ def load_profile(settings: Settings) -> tuple[profile_lib.HeadProfile | None, st
   if settings.profile:
     try:
       profile = profile_lib.HeadProfile.load(settings.profile)
-    except (OSError, ValueError) as e:
+    except profile_lib.ProfileError as e:
       raise app.UsageError(f'Cannot read --profile={settings.profile!r}: {e}') from e
     path = settings.profile
   else:
@@ -270,14 +270,34 @@ def _spec_text(spec: methods.MethodSpec) -> str:
   return ' '.join([spec.name, f'budget={spec.budget}', *changed])
 
 
+def check_model(settings: Settings) -> None:
+  """UsageError before any work when `settings.model` cannot be loaded.
+
+  A path has its config read (no weights); an embedded alias only needs its package installed
+  (its GGUF is known good, and parsing GGUF metadata alone takes ~3 s).
+  """
+  from models import embedded  # pylint: disable=g-import-not-at-top
+  from models import loading  # pylint: disable=g-import-not-at-top
+  from models.errors import ModelLoadError  # pylint: disable=g-import-not-at-top
+
+  try:
+    if embedded.is_embedded_alias(settings.model):
+      loading.resolve_source(settings.model)
+    else:
+      loading.load_config(settings.model)
+  except ModelLoadError as e:
+    raise app.UsageError(f'Cannot load --model={settings.model!r}: {e}') from e
+
+
 def load_model(settings: Settings):
   """`(ModelRunner, tokenizer)` of `settings.model` (UsageError when it cannot be loaded)."""
   from models import loading  # pylint: disable=g-import-not-at-top
+  from models.errors import ModelLoadError  # pylint: disable=g-import-not-at-top
   from models.runner import ModelRunner  # pylint: disable=g-import-not-at-top
 
   try:
     model, tokenizer = loading.load_model(settings.model, settings.dtype)
-  except (FileNotFoundError, ValueError) as e:
+  except ModelLoadError as e:
     raise app.UsageError(f'Cannot load --model={settings.model!r}: {e}') from e
   return ModelRunner(model), tokenizer
 
@@ -398,6 +418,8 @@ def run_grid(phase: str, cells: Sequence[Cell], settings: Settings, *, runner=No
   if len(by_key) != len(cells):
     raise ValueError('Cells must be unique per (method, task, length, budget). Got '
                      f'{[c.key(0)[:4] for c in cells]}.')
+  if runner is None:
+    check_model(settings)
   profile, png = load_profile(settings)
   profiles = {False: profile,
               True: profile and shuffled_profile(profile, settings.seed)}

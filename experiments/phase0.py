@@ -15,14 +15,14 @@ Writes `<output_dir>/phase0/{run.json,results.jsonl,summary.csv}`.
 import functools
 import time
 
-from absl import app
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from experiments import evaluate
 from experiments import flags as exp_flags
 from experiments import grid
+from headkv_jax.jit import jit
 from models import attention_maps
 from models import generation
 
@@ -31,7 +31,7 @@ METHODS = ('full', 'snapkv', 'oracle')
 GRIDS = {
     'default': dict(methods=METHODS, lengths=(2000,), budgets=(128, 256, 512, 1024),
                     tasks=('passkey', 'niah_multikey'), num_samples=3),
-    'quick': dict(methods=METHODS, lengths=(1000,), budgets=(128, 256), tasks=('passkey',),
+    'quick': dict(methods=METHODS, lengths=(2000,), budgets=(128, 256), tasks=('passkey',),
                   num_samples=2),
     'paper': dict(methods=METHODS, lengths=(2000, 5000, 10000),
                   budgets=(256, 512, 1024, 2048, 4096),
@@ -63,12 +63,12 @@ def oracle_scores(runner, tokenizer, sample, positions: int) -> tuple[jnp.ndarra
   return tuple(jnp.asarray(layer) for layer in out)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+@jit(donate_argnums=0)
 def _oracle_compress(cache, scores):
   return cache.compress(scores)
 
 
-@jax.jit
+@jit
 def _oracle_rechunk(cache, scores):
   return cache.rechunk(1, scores)
 
@@ -81,9 +81,11 @@ def evaluate_oracle(runner, tokenizer, sample, spec, *, chunk_size, max_new_toke
   capacity = -(-(len(prompt) + max_new_tokens) // bucket) * bucket  # generate's cache positions
   scores = oracle_scores(runner, tokenizer, sample, capacity)
   oracle_s = time.perf_counter() - t0
-  compress = lambda cache: _oracle_compress(cache, scores)
+  # A partial (not a closure) with array arguments: the compiled decode block takes the
+  # scores as inputs, so every sample reuses one program.
+  compress = functools.partial(_oracle_compress, scores=scores)
   overrides = dict(after_prefill_chunk=compress,
-                   after_prefill=lambda cache: _oracle_rechunk(cache, scores),
+                   after_prefill=functools.partial(_oracle_rechunk, scores=scores),
                    after_decode_step=compress)
   record = evaluate.evaluate_sample(runner, tokenizer, sample, spec, chunk_size=chunk_size,
                                     max_new_tokens=max_new_tokens, hook_overrides=overrides)
@@ -113,4 +115,4 @@ main = exp_flags.phase_main(PHASE, run)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -11,8 +11,7 @@ SmolLM2) run anyway and their records say `past_context: true`.
 Writes `<output_dir>/phase1/{run.json,results.jsonl,summary.csv}`; rerun to resume.
 """
 
-from absl import app
-
+from experiments import cli
 from experiments import flags as exp_flags
 from experiments import grid
 
@@ -27,7 +26,7 @@ PAPER_TASKS = ('passkey', 'niah_single', 'niah_multikey', 'niah_multivalue',
 GRIDS = {
     'default': dict(methods=METHODS, lengths=LENGTHS, budget=4096, tasks=('passkey',),
                     num_samples=1),
-    'quick': dict(methods=METHODS, lengths=(1000, 2000), budget=256,
+    'quick': dict(methods=METHODS, lengths=(2000,), budget=256,
                   tasks=('passkey', 'perplexity'), num_samples=2),
     'paper': dict(methods=METHODS, lengths=LENGTHS, budget=4096, tasks=PAPER_TASKS,
                   num_samples=20),
@@ -49,4 +48,4 @@ main = exp_flags.phase_main(PHASE, run)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -9,8 +9,8 @@ Writes `<output_dir>/phase2/{run.json,results.jsonl,summary.csv}`.
 
 import dataclasses
 
-from absl import app
 
+from experiments import cli
 from experiments import flags as exp_flags
 from experiments import grid
 
@@ -46,4 +46,4 @@ main = exp_flags.phase_main(PHASE, run)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -3,17 +3,20 @@
   python -m experiments.phase4 --output_dir=results     # -> results/report/report.md + PNGs
 
 Reads `<output_dir>/phase{0,1,2,3,5}/results.jsonl` (a phase without results gets a note) and
-writes `<output_dir>/report/`: per phase a summary table (means per cell, skipped counts),
-memory / accuracy / decode-speed vs length (phase 1), accuracy and memory vs budget (phases 0,
-2), ablation bars (phase 3), HAQ-KV accuracy vs cache bytes (Pareto front) and vs effective
-bits with the bits-per-head heatmaps (phase 5, `experiments/phase5.py`) and the head-profile
-heatmap. See `experiments/report.py`.
+writes `<output_dir>/report/`: per phase a summary table (means per cell, sample and skipped
+counts, accuracy's 95% Wilson interval `ci_low`/`ci_high`), memory / accuracy / decode-speed
+vs length (phase 1), accuracy and memory vs budget (phases 0, 2), ablation bars (phase 3),
+HAQ-KV accuracy vs cache bytes (Pareto front) and vs effective bits with the bits-per-head
+heatmaps (phase 5, `experiments/phase5.py`) and the head-profile heatmap. Accuracies are drawn
+with their Wilson intervals as error bars; accuracy and cache-bytes plots have one panel per
+task. See `experiments/report.py`.
 """
 
 import os
 
 from absl import app
 
+from experiments import cli
 from experiments import flags as exp_flags
 from experiments import report
 
@@ -34,4 +37,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -23,6 +23,7 @@ import logging
 
 from absl import app
 
+from experiments import cli
 from experiments import flags as exp_flags
 from experiments import grid
 from headkv_jax import methods as methods_lib
@@ -76,4 +77,4 @@ main = exp_flags.phase_main(PHASE, run)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

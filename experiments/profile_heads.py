@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from experiments.profiling import ProbeSettings, profile_model, summarize
 from headkv_jax import profile as profile_lib
 
@@ -67,4 +68,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('output')
-  app.run(main)
+  cli.run(main)

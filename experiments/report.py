@@ -4,13 +4,19 @@
   report.render_report('results/', 'results/report')   # -> results/report/report.md
 
 Reads `<results_dir>/<phase>/results.jsonl` for each phase in PHASES; a phase without results
-gets a one-line note. Plots (matplotlib Agg, no pyplot state): memory and accuracy vs length
-(phase 1), accuracy and memory vs budget (phases 0, 2, 5), ablation bars (phase 3), accuracy
-vs cache bytes and vs effective bits with their Pareto fronts (phase 5), and a bits-per-head
-heatmap (layers x KV heads, key and value bits) of the first record per method that carries
-`head_bits`. A head-profile heatmap is linked when a record or a run.json names an existing
-PNG under one of PROFILE_KEYS. Tables are written by `markdown_table`
-(pandas' `to_markdown` needs `tabulate`, which is not a dependency).
+gets a one-line note. Tables give each cell's sample count `n` and, for accuracy, its 95%
+Wilson score interval (`ci_low`, `ci_high`; `experiments/stats.py`). Plots (matplotlib Agg,
+no pyplot state): memory and accuracy vs length (phase 1), accuracy and memory vs budget
+(phases 0, 2, 5), ablation bars (phase 3, horizontal, `full` first), accuracy vs cache bytes
+and vs effective bits with their Pareto fronts (phase 5), and a bits-per-head heatmap (layers
+x KV heads, key and value bits) of the first record per method that carries `head_bits`.
+Every accuracy is drawn with its Wilson interval as error bars. Accuracy and cache-bytes plots
+have one panel per task: a generation task's `cache_bytes` is its decode-time cache (re-packed
+after prefill), a perplexity record's the cache it streamed through (never re-packed: a
+compressed one holds its budgets plus one prefill chunk), so the two are never averaged
+together. A head-profile heatmap is linked when a record or a run.json names an existing PNG
+under one of PROFILE_KEYS. Tables are written by `markdown_table` (pandas' `to_markdown` needs
+`tabulate`, which is not a dependency).
 """
 
 import dataclasses
@@ -23,10 +29,12 @@ import re
 from matplotlib import colormaps
 from matplotlib import colors
 from matplotlib import figure
+from matplotlib import transforms
 import numpy as np
 import pandas as pd
 
 from experiments import results
+from experiments import stats
 
 PHASES = {
     'phase0': 'Oracle ceiling',
@@ -36,6 +44,16 @@ PHASES = {
     'phase5': 'HAQ-KV: heterogeneous quantization',
 }
 PROFILE_KEYS = ('head_profile_png', 'profile_heatmap_png')
+PERPLEXITY_TASK = 'perplexity'  # = grid.PERPLEXITY_TASK (not imported: the report needs no jax)
+# Metrics drawn with their 95% Wilson interval (proportions in [0, 1]).
+INTERVAL_METRICS = (results.ACCURACY,)
+# What a record's `cache_bytes` measured (experiments/evaluate.py), per kind of task: a
+# generation task's final cache, re-packed for decoding (budgets + one slot); perplexity's
+# cache after streaming the document, never re-packed (compressed caches: budgets + a chunk).
+CACHE_BYTES_HELD = {
+    'generation': 'decode-time cache (re-packed after prefill)',
+    PERPLEXITY_TASK: 'cache while streaming (not re-packed)',
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +63,13 @@ class Plot:
   Attributes:
     phase: phase whose records it draws.
     x: record field on the x axis (for bars: the field naming the bars).
-    y: metric on the y axis.
-    kind: 'line', 'bar', 'scatter' or 'pareto' (one point per (method, budget) cell at its
-      mean x and y, marker by budget, and the front of cells no other beats on both: less x,
-      more y).
+    y: metric on the y axis; one of INTERVAL_METRICS gets 95% Wilson error bars.
+    kind: 'line', 'bar' (horizontal, one per method, `full` on top), 'scatter' or 'pareto'
+      (one point per (method, budget) cell at its mean x and y, marker by budget, and the
+      front of cells no other beats on both: less x, more y).
     log_y: log-scale y axis (bytes).
     log_x: log-scale x axis.
+    by_task: one panel per task that carries `y` (else means pool the tasks).
   """
   phase: str
   x: str
@@ -58,22 +77,27 @@ class Plot:
   kind: str = 'line'
   log_y: bool = False
   log_x: bool = False
+  by_task: bool = False
 
   @property
   def filename(self) -> str:
     return f'{self.phase}_{self.y}_vs_{self.x}.png'
 
+  @property
+  def has_interval(self) -> bool:
+    return self.y in INTERVAL_METRICS
+
 
 PLOTS = (
-    Plot('phase1', 'length', 'cache_bytes', log_y=True),
-    Plot('phase1', 'length', 'accuracy'),
+    Plot('phase1', 'length', 'cache_bytes', log_y=True, by_task=True),
+    Plot('phase1', 'length', 'accuracy', by_task=True),
     Plot('phase1', 'length', 'peak_rss_bytes', log_y=True),
     Plot('phase1', 'length', 'decode_ms_per_token'),
-    Plot('phase0', 'budget', 'accuracy'),
-    Plot('phase2', 'budget', 'accuracy'),
-    Plot('phase2', 'budget', 'cache_bytes', log_y=True),
-    Plot('phase3', 'method', 'accuracy', kind='bar'),
-    Plot('phase5', 'budget', 'accuracy'),
+    Plot('phase0', 'budget', 'accuracy', by_task=True),
+    Plot('phase2', 'budget', 'accuracy', by_task=True),
+    Plot('phase2', 'budget', 'cache_bytes', log_y=True, by_task=True),
+    Plot('phase3', 'method', 'accuracy', kind='bar', by_task=True),
+    Plot('phase5', 'budget', 'accuracy', by_task=True),
     Plot('phase5', 'cache_bytes', 'accuracy', kind='pareto', log_x=True),
     Plot('phase5', 'effective_bits', 'accuracy', kind='pareto'),
 )
@@ -81,6 +105,7 @@ HEAD_BITS = 'head_bits'  # record field: [layers][KV heads][key bits, value bits
 _BIT_CLASSES = (2, 4, 8, 16)
 _MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*', 'h', '<', '>')
 _KV_BITS_LABEL = re.compile(r'^(.*)\[kv_bits=(.*)\]$')
+_DODGE_POINTS = 3.0  # horizontal shift between methods' error bars in a line plot
 
 
 def short_label(method: str) -> str:
@@ -116,12 +141,50 @@ def _ok_frame(records: list[dict]) -> pd.DataFrame:
   return df
 
 
-def _draw(plot: Plot, df: pd.DataFrame, path: str) -> bool:
-  """Draws `plot` from finished records; False when the data lacks its fields."""
+def _is_full(label: str) -> bool:
+  return label == 'full' or label.startswith('full[')
+
+
+def method_order(labels) -> list[str]:
+  """Unique method labels for legends and bars: `full` (and `full[...]`) first, the rest in
+  order of first appearance (the order the run listed its cells, e.g. phase 3's VARIANTS)."""
+  seen = list(dict.fromkeys(str(m) for m in labels))
+  return sorted(seen, key=lambda m: not _is_full(m))  # stable: keeps appearance order
+
+
+def cell_stats(df: pd.DataFrame, keys: list[str], y: str) -> pd.DataFrame:
+  """Mean `y` per `keys` cell and its sample count `n`; for INTERVAL_METRICS also the 95%
+  Wilson bounds `ci_low`, `ci_high` (`stats.with_interval`). Cells in `keys` order."""
+  cells = (df.groupby(keys, sort=True)[y].agg(['mean', 'count']).reset_index()
+           .rename(columns={'mean': y, 'count': 'n'}))
+  return stats.with_interval(cells, y, 'n') if y in INTERVAL_METRICS else cells
+
+
+def error_bars(cells: pd.DataFrame, y: str) -> np.ndarray:
+  """Asymmetric errors `[mean - ci_low, ci_high - mean]` ([2, cells]; 0 where unknown)."""
+  mean = cells[y].to_numpy(np.float64)
+  err = np.stack([mean - cells[stats.LOW].to_numpy(np.float64),
+                  cells[stats.HIGH].to_numpy(np.float64) - mean])
+  return np.clip(np.nan_to_num(err), 0.0, None)
+
+
+def _panel_title(plot: Plot, task) -> str:
+  """A panel's task, and for cache bytes what that task's records measured."""
+  if task is None:
+    return ''
+  if plot.y != 'cache_bytes':
+    return str(task)
+  held = CACHE_BYTES_HELD[PERPLEXITY_TASK if task == PERPLEXITY_TASK else 'generation']
+  return f'{task}\n{held}'
+
+
+def _plot_data(plot: Plot, df: pd.DataFrame) -> pd.DataFrame | None:
+  """The finished records `plot` draws (numeric y, and x unless bars), or None if none."""
   needed = {plot.x, plot.y, 'method'} | ({'budget'} if plot.kind == 'pareto' else set())
   if not needed <= set(df.columns):
-    return False
-  df = df[list(needed)].copy()
+    return None
+  df = df[sorted(needed | ({'task'} & set(df.columns)))].copy()
+  df['method'] = df['method'].astype(str)
   df[plot.y] = pd.to_numeric(df[plot.y], errors='coerce')
   df = df.dropna(subset=[plot.y])
   if plot.kind != 'bar':
@@ -129,29 +192,103 @@ def _draw(plot: Plot, df: pd.DataFrame, path: str) -> bool:
     df = df.dropna(subset=[plot.x])
   if plot.log_x:
     df = df[df[plot.x] > 0]
-  if df.empty:
-    return False
-  if plot.kind == 'pareto':
-    _draw_pareto(plot, df, path)
-    return True
-  fig = figure.Figure(figsize=(6.4, 4.2), dpi=100, layout='tight')
-  ax = fig.subplots()
-  if plot.kind == 'bar':
-    means = df.groupby('method')[plot.y].mean().sort_values()
-    ax.bar(means.index.astype(str), means.values, color='tab:blue')
-    ax.tick_params(axis='x', labelrotation=30)
-  else:
-    for method, group in df.groupby('method'):
-      means = group.groupby(plot.x)[plot.y].mean().sort_index()
-      style = 'o' if plot.kind == 'scatter' else 'o-'
-      ax.plot(means.index, means.values, style, label=str(method))
-    ax.legend(fontsize='small')
-    ax.set_xlabel(plot.x)
-  if plot.log_y:
-    ax.set_yscale('log')
+  return None if df.empty else df
+
+
+def _panels(plot: Plot, df: pd.DataFrame) -> list[tuple]:
+  """`(task, records)` per panel: each task carrying y (in first-appearance order), or one
+  `(None, all records)` panel."""
+  if not plot.by_task or 'task' not in df:
+    return [(None, df)]
+  tasks = list(dict.fromkeys(df['task'].astype(str)))
+  return [(task, df[df['task'].astype(str) == task]) for task in tasks]
+
+
+def _draw_lines(fig: figure.Figure, ax, plot: Plot, df: pd.DataFrame) -> None:
+  """One line per method of mean y per x; Wilson error bars (methods dodged a few points
+  apart, the data unchanged) for INTERVAL_METRICS."""
+  labels = method_order(df['method'])
+  style = 'o' if plot.kind == 'scatter' else 'o-'
+  for k, method in enumerate(labels):
+    cells = cell_stats(df[df['method'] == method], [plot.x], plot.y)
+    if plot.has_interval:
+      shift = transforms.offset_copy(ax.transData, fig=fig, units='points',
+                                     x=(k - (len(labels) - 1) / 2) * _DODGE_POINTS)
+      ax.errorbar(cells[plot.x], cells[plot.y], yerr=error_bars(cells, plot.y), fmt=style,
+                  capsize=3, label=short_label(method), transform=shift)
+      ax.update_datalim(cells[[plot.x, plot.y]].to_numpy(np.float64))  # shifted: not counted
+    else:
+      ax.plot(cells[plot.x], cells[plot.y], style, label=short_label(method))
+  ax.autoscale_view()
+  if plot.has_interval:
+    ax.set_ylim(-0.05, 1.05)
+  ax.legend(fontsize='small')
+  ax.set_xlabel(plot.x)
   ax.set_ylabel(plot.y)
-  ax.set_title(f'{plot.phase}: {plot.y} vs {plot.x} (mean over samples and tasks)')
-  ax.grid(alpha=0.3)
+
+
+def _draw_bars(ax, plot: Plot, df: pd.DataFrame) -> None:
+  """Horizontal bars of mean y per method (`full` on top, then appearance order), labelled
+  with their sample counts; Wilson error bars for INTERVAL_METRICS."""
+  labels = method_order(df['method'])
+  cells = cell_stats(df, ['method'], plot.y).set_index('method').loc[labels].reset_index()
+  pos = np.arange(len(labels))
+  xerr = error_bars(cells, plot.y) if plot.has_interval else None
+  ax.barh(pos, cells[plot.y], xerr=xerr, color='tab:blue', capsize=3,
+          error_kw=dict(ecolor='black', elinewidth=1))
+  ax.set_yticks(pos, [f'{short_label(m)} (n={n})' for m, n in zip(labels, cells['n'])],
+                fontsize=8)
+  ax.invert_yaxis()  # the first label on top
+  if plot.has_interval:
+    ax.set_xlim(0, 1.05)
+  ax.set_xlabel(plot.y)
+
+
+def _panel_axes(plot: Plot, panels: int, bars: int) -> tuple[figure.Figure, list]:
+  """A figure of `panels` axes (up to 3 a row), sized for `bars` bars in a bar panel."""
+  ncols = min(panels, 3)
+  nrows = math.ceil(panels / ncols)
+  if plot.kind == 'bar':
+    size = (max(6.4, 4.2 * ncols), nrows * max(2.6, 0.32 * bars + 1.4))
+  else:
+    size = (6.4 if panels == 1 else 4.6 * ncols, 4.2 * nrows)
+  fig = figure.Figure(figsize=size, dpi=100, layout='constrained')
+  axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False)).reshape(-1)
+  for ax in axes[panels:]:
+    ax.set_visible(False)
+  return fig, list(axes[:panels])
+
+
+def plot_figure(plot: Plot, df: pd.DataFrame) -> figure.Figure | None:
+  """The figure of `plot` from finished records (`_ok_frame`); None when they lack its
+  fields. Axes: one per panel (`Plot.by_task`), in task order."""
+  df = _plot_data(plot, df)
+  if df is None:
+    return None
+  if plot.kind == 'pareto':
+    return _pareto_figure(plot, df)
+  panels = _panels(plot, df)
+  fig, axes = _panel_axes(plot, len(panels), df['method'].nunique())
+  for ax, (task, part) in zip(axes, panels):
+    if plot.kind == 'bar':
+      _draw_bars(ax, plot, part)
+    else:
+      _draw_lines(fig, ax, plot, part)
+    if plot.log_y:
+      ax.set_yscale('log')
+    ax.set_title(_panel_title(plot, task), fontsize=9)
+    ax.grid(alpha=0.3)
+  pooled = 'samples' if len(panels) > 1 or panels[0][0] is not None else 'samples and tasks'
+  bars = '; error bars: 95% Wilson interval' if plot.has_interval else ''
+  fig.suptitle(f'{plot.phase}: {plot.y} vs {plot.x} (mean over {pooled}{bars})', fontsize=10)
+  return fig
+
+
+def _draw(plot: Plot, df: pd.DataFrame, path: str) -> bool:
+  """Saves `plot_figure(plot, df)` to `path`; False (nothing written) when it is None."""
+  fig = plot_figure(plot, df)
+  if fig is None:
+    return False
   fig.savefig(path)
   return True
 
@@ -168,10 +305,14 @@ def pareto_front(x, y) -> np.ndarray:
   return np.asarray(front, np.int64)
 
 
-def _draw_pareto(plot: Plot, df: pd.DataFrame, path: str) -> None:
-  """Mean (x, y) per (method, budget) cell: colour by method, marker by budget, the front."""
+def _pareto_figure(plot: Plot, df: pd.DataFrame) -> figure.Figure:
+  """Mean (x, y) per (method, budget) cell: colour by method, marker by budget, Wilson error
+  bars on y for INTERVAL_METRICS, and the front."""
   cells = df.groupby(['method', 'budget'])[[plot.x, plot.y]].mean().reset_index()
-  labels = sorted(cells['method'].astype(str).unique())
+  cells['n'] = df.groupby(['method', 'budget'])[plot.y].count().to_numpy()
+  if plot.has_interval:
+    cells = stats.with_interval(cells, plot.y, 'n')
+  labels = method_order(sorted(cells['method'].astype(str).unique()))
   budgets = sorted(cells['budget'].unique())
   cmap = colormaps['tab20' if len(labels) > 10 else 'tab10']
   fig = figure.Figure(figsize=(8.8, 4.8), dpi=100, layout='constrained')
@@ -179,10 +320,12 @@ def _draw_pareto(plot: Plot, df: pd.DataFrame, path: str) -> None:
   for k, method in enumerate(labels):
     rows = cells[cells['method'].astype(str) == method]
     color = cmap(k % cmap.N)
-    for _, row in rows.iterrows():
-      marker = _MARKERS[budgets.index(row['budget']) % len(_MARKERS)]
-      ax.plot(row[plot.x], row[plot.y], marker, color=color, markersize=7,
-              markeredgecolor='black', markeredgewidth=0.5)
+    for i in range(len(rows)):
+      row = rows.iloc[i:i + 1]
+      marker = _MARKERS[budgets.index(row['budget'].iloc[0]) % len(_MARKERS)]
+      yerr = error_bars(row, plot.y) if plot.has_interval else None
+      ax.errorbar(row[plot.x], row[plot.y], yerr=yerr, fmt=marker, color=color, markersize=7,
+                  markeredgecolor='black', markeredgewidth=0.5, capsize=2, elinewidth=0.8)
     ax.plot([], [], 'o', color=color, label=short_label(method))  # one legend entry
   front = pareto_front(cells[plot.x], cells[plot.y])
   ax.plot(cells[plot.x].to_numpy()[front], cells[plot.y].to_numpy()[front], '-',
@@ -199,9 +342,10 @@ def _draw_pareto(plot: Plot, df: pd.DataFrame, path: str) -> None:
     ax.set_xscale('log')
   ax.set_xlabel(plot.x + (' (log)' if plot.log_x else ''))
   ax.set_ylabel(plot.y)
-  ax.set_title(f'{plot.phase}: {plot.y} vs {plot.x} per (method, budget)', fontsize=10)
+  bars = ', 95% Wilson interval' if plot.has_interval else ''
+  ax.set_title(f'{plot.phase}: {plot.y} vs {plot.x} per (method, budget){bars}', fontsize=10)
   ax.grid(alpha=0.3, which='both')
-  fig.savefig(path)
+  return fig
 
 
 def _head_bits(value) -> np.ndarray | None:
@@ -280,10 +424,18 @@ def _profile_links(results_dir: str, phase: str, records: list[dict], out_dir: s
   return lines
 
 
-def _summary_table(records: list[dict]) -> str:
+INTERVAL_NOTE = ('`n`: finished samples of the cell; `ci_low`, `ci_high`: the 95% Wilson score '
+                 'interval of `accuracy` over them (empty where a cell has no accuracy); the '
+                 'accuracy plots draw it as error bars.')
+
+
+def _summary_table(records: list[dict]) -> list[str]:
+  """The phase's summary table (`results.summarize`, all-empty columns dropped) and, when it
+  has accuracy intervals, the line that explains them."""
   summary = results.summarize(records).drop(columns=['phase'])
   summary = summary.dropna(axis=1, how='all')
-  return markdown_table(summary)
+  note = ['', INTERVAL_NOTE] if stats.LOW in summary else []
+  return [markdown_table(summary), *note]
 
 
 def render_report(results_dir: str, out_dir: str | None = None) -> str:
@@ -304,7 +456,7 @@ def render_report(results_dir: str, out_dir: str | None = None) -> str:
     if not records:
       lines += [f'_No results in `{path}`; phase skipped._', '']
       continue
-    lines += [f'{len(records)} records.', '', _summary_table(records), '']
+    lines += [f'{len(records)} records.', '', *_summary_table(records), '']
     frame = _ok_frame(records)
     for plot in (p for p in PLOTS if p.phase == phase):
       if _draw(plot, frame, os.path.join(out_dir, plot.filename)):

@@ -3,7 +3,8 @@
 Layout under `--output_dir`:
   <output_dir>/<phase>/run.json       flags, package versions, devices, python, start time
   <output_dir>/<phase>/results.jsonl  append-only, one record per finished (or skipped) sample
-  <output_dir>/<phase>/summary.csv    means of the numeric metrics per cell, with counts
+  <output_dir>/<phase>/summary.csv    means of the numeric metrics per cell, with counts and
+                                      the 95% Wilson interval of `accuracy` (ci_low, ci_high)
 
 A record holds the key fields `phase, method, task, length, budget, sample`, a `status`
 ('ok' or 'skipped') and metrics whose names carry their unit: `accuracy`, `perplexity`,
@@ -35,6 +36,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import pandas as pd
 import tqdm
 
+from experiments import stats
+
 KEY_FIELDS = ('method', 'task', 'length', 'budget', 'sample')
 GROUP_FIELDS = ('phase', 'method', 'task', 'length', 'budget')
 # Flags that never change a sample's result; see the module docstring.
@@ -44,6 +47,7 @@ IGNORED_FLAGS = frozenset({
 PACKAGES = ('jax', 'jaxlib', 'flax', 'transformers', 'numpy', 'pandas')
 RUN_FILE, RESULTS_FILE, SUMMARY_FILE = 'run.json', 'results.jsonl', 'summary.csv'
 _NOT_METRICS = frozenset(GROUP_FIELDS) | {'sample', 'seed', 'status', 'reason'}
+ACCURACY = 'accuracy'  # the metric summaries give a confidence interval (stats.with_interval)
 
 
 def peak_rss_bytes() -> int:
@@ -137,7 +141,11 @@ def _repair_tail(path: str) -> None:
 def summarize(records: list[dict]) -> pd.DataFrame:
   """Mean of every numeric metric per (phase, method, task, length, budget), with counts.
 
-  Columns: the group fields, `n` (finished samples), `n_skipped`, then the metric means.
+  Columns: the group fields, `n` (finished samples), `n_skipped`, then the metric means,
+  `accuracy` first and the others in record order. `accuracy` is followed by `ci_low` and
+  `ci_high`, its 95% Wilson score interval over the finished samples that carry an accuracy
+  (`stats.with_interval`; every sample of a scored task does, so that count is `n`). Cells
+  without an accuracy (perplexity) have NaN bounds.
   """
   if not records:
     return pd.DataFrame(columns=[*GROUP_FIELDS, 'n', 'n_skipped'])
@@ -158,9 +166,16 @@ def summarize(records: list[dict]) -> pd.DataFrame:
       df[col] = numeric.where(ok)
       metrics.append(col)
   df['n'], df['n_skipped'] = ok.astype(int), (~ok).astype(int)
+  counted = ACCURACY in metrics
+  metrics.sort(key=lambda m: m != ACCURACY)  # accuracy (and its interval) next to the counts
+  if counted:
+    df['_n_accuracy'] = df[ACCURACY].notna().astype(int)
   keys = list(GROUP_FIELDS)
-  agg = {'n': 'sum', 'n_skipped': 'sum', **{m: 'mean' for m in metrics}}
+  agg = {'n': 'sum', 'n_skipped': 'sum', **{m: 'mean' for m in metrics},
+         **({'_n_accuracy': 'sum'} if counted else {})}
   out = df[keys + list(agg)].groupby(keys, dropna=False, sort=True).agg(agg).reset_index()
+  if counted:
+    out = stats.with_interval(out, ACCURACY, '_n_accuracy').drop(columns=['_n_accuracy'])
   return out
 
 

@@ -12,6 +12,7 @@ Writes `<output_dir>/phase{0,1,2,3,5}/` and `<output_dir>/report/report.md`.
 from absl import app
 from absl import flags
 
+from experiments import cli
 from experiments import flags as exp_flags
 from experiments import grid
 from experiments import phase0
@@ -48,10 +49,9 @@ def main(argv):
     if flags.FLAGS.grid not in ('default', 'quick'):
       raise app.UsageError(f'--quick contradicts --grid={flags.FLAGS.grid}.')
     overrides['grid'] = 'quick'
-  exp_flags.apply_attention_impl()
   settings = exp_flags.settings_from_flags(**overrides)
   print(f'Wrote {run(settings)}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -9,6 +9,7 @@ padding token). Query heads of one GQA group are folded into the rows of their K
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 _NEG_INF = -1e30
@@ -78,14 +79,70 @@ def position_mask(q_pos_rows, k_pos):
   return (k >= 0) & (k <= q) & (q >= 0)
 
 
-def causal_attention(q, k, v, positions, *, block_size: int = 256, key_block: int = 512):
-  """Causal self-attention of a chunk over itself, tiled flash-style.
+def empty_partial(batch: int, num_kv_heads: int, rows: int, head_dim: int):
+  """The ``(o, m, l)`` of a key set with no visible key (the identity of :func:`merge_partials`)."""
+  return (jnp.zeros((batch, num_kv_heads, rows, head_dim), jnp.float32),
+          jnp.full((batch, num_kv_heads, rows), _NEG_INF, jnp.float32),
+          jnp.zeros((batch, num_kv_heads, rows), jnp.float32))
 
-  Query block ``[i, i + block_size)`` only reads keys ``[0, i + block_size)`` (skipping the
-  upper triangle), in tiles of ``key_block`` keys merged by log-sum-exp, so the logits of one
-  tile stay in cache instead of a ``[rows, T]`` array going through memory (2.4x faster than
-  one block of all keys on a 2-core CPU at 2048 tokens). Tiles wholly before the query block
-  need no causal mask: real tokens of a chunk are in position order (a right-padded prefix).
+
+def tiled_attention(q_rows, q_pos_rows, k, v, k_pos, *, tile: int, num_tiles, init=None):
+  """Online-softmax attention of folded queries over key tiles ``0 .. num_tiles - 1``.
+
+  One compiled loop body whatever the number of keys: ``num_tiles`` may be traced (a chunk
+  reads only the tiles a cache has filled), and a tile's logits ``[B, Hkv, R, tile]`` stay in
+  cache instead of a ``[R, S]`` array going through memory. A last tile that would run past
+  ``S`` is shifted back to end at ``S``; the slots it shares with the previous tile are masked
+  out, so ``S`` need not be a multiple of ``tile``.
+
+  Args:
+    q_rows: ``[B, Hkv, R, D]`` folded queries, already scaled by ``1/sqrt(D)``.
+    q_pos_rows: ``[B, R]`` int32 position of each row's query (``-1`` = padding).
+    k, v: ``[B, Hkv, S, D]`` keys / values; ``k_pos [B, S]`` their positions (``-1`` = empty).
+    tile: keys per tile (``<= S``).
+    num_tiles: tiles to read, a Python int or a traced int32 scalar.
+    init: ``(o, m, l)`` to continue from (default :func:`empty_partial`).
+
+  Returns:
+    ``(o, m, l)`` as :func:`partial_attention`.
+  """
+  b, hkv, rows, d = q_rows.shape
+  num_keys = k.shape[2]
+  tile = min(tile, num_keys)
+  q_pos = q_pos_rows[:, None, :, None]  # [B, 1, R, 1]
+
+  def step(j, carry):
+    o, m, l = carry
+    start = jnp.minimum(j * tile, num_keys - tile)
+    kb = jax.lax.dynamic_slice_in_dim(k, start, tile, axis=2)  # [B, Hkv, tile, D]
+    vb = jax.lax.dynamic_slice_in_dim(v, start, tile, axis=2)
+    kp = jax.lax.dynamic_slice_in_dim(k_pos, start, tile, axis=1)[:, None, None, :]
+    fresh = (start + jnp.arange(tile) >= j * tile)[None, None, None, :]  # not read before
+    mask = fresh & (kp >= 0) & (kp <= q_pos) & (q_pos >= 0)  # [B, 1, R, tile]
+    logits = jnp.einsum("bhrd,bhsd->bhrs", q_rows, kb, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask, logits, _NEG_INF)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))  # [B, Hkv, R]
+    p = jnp.where(mask, jnp.exp(logits - m_new[..., None]), 0.0)
+    scale = jnp.exp(m - m_new)
+    o = o * scale[..., None] + jnp.einsum(
+        "bhrs,bhsd->bhrd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+    return o, m_new, l * scale + jnp.sum(p, axis=-1)
+
+  init = empty_partial(b, hkv, rows, d) if init is None else init
+  if isinstance(num_tiles, int) and num_tiles == 1:
+    return step(0, init)
+  return jax.lax.fori_loop(0, num_tiles, step, init)
+
+
+def causal_attention(q, k, v, positions, *, block_size: int = 256, key_block: int = 256):
+  """Causal self-attention of a chunk over itself, tiled flash-style in compiled loops.
+
+  A loop over query blocks of ``block_size`` tokens; block ``i`` reads, by
+  :func:`tiled_attention`, only the key tiles up to its own end (the upper triangle is never
+  computed). Both loops compile to one body each, so compile time does not grow with the
+  chunk: at 2,048 tokens this is 3x faster than tiles unrolled in Python and compiles in a
+  seventh of the time (one SmolLM2 layer, 2 CPU cores: 236 -> 73 ms, 4.6 -> 0.7 s). A chunk
+  that is not a multiple of the block is padded with position ``-1`` (never attended).
 
   Args:
     q: ``[B, T, Hq, D]`` rotated queries.
@@ -95,29 +152,36 @@ def causal_attention(q, k, v, positions, *, block_size: int = 256, key_block: in
   Returns:
     ``(o, m, l)`` with ``o [B, Hkv, T * G, D]`` (see :func:`partial_attention`).
   """
-  _, t, hq, d = q.shape
+  b, t, hq, d = q.shape
   hkv = k.shape[2]
   group = hq // hkv
-  q_rows = fold_queries(q * (d**-0.5), hkv)  # [B, Hkv, T*G, D]
-  kt = k.transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
+  block = min(block_size, t)
+  padded = -(-t // block) * block
+  if padded != t:
+    pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+    q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
+    positions = jnp.pad(positions, ((0, 0), (0, padded - t)), constant_values=-1)
+  q_rows = fold_queries(q * (d**-0.5), hkv)  # [B, Hkv, padded * G, D]
+  kt = k.transpose(0, 2, 1, 3)  # [B, Hkv, padded, D]
   vt = v.transpose(0, 2, 1, 3)
-  q_pos_rows = jnp.repeat(positions, group, axis=1)  # [B, T*G]
-  outs = []
-  for start in range(0, t, block_size):
-    stop = min(start + block_size, t)
-    rows = slice(start * group, stop * group)
-    q_valid = (q_pos_rows[:, None, rows, None] >= 0)  # [B, 1, R, 1]
-    parts = []
-    for k_start in range(0, stop, key_block):
-      k_stop = min(k_start + key_block, stop)
-      if k_stop <= start:  # every real key here precedes every query of the block
-        mask = q_valid & (positions[:, None, None, k_start:k_stop] >= 0)
-      else:
-        mask = position_mask(q_pos_rows[:, rows], positions[:, k_start:k_stop])
-      parts.append(partial_attention(
-          q_rows[:, :, rows], kt[:, :, k_start:k_stop], vt[:, :, k_start:k_stop], mask))
-    outs.append(merge_partials(parts))
-  return tuple(jnp.concatenate(x, axis=2) for x in zip(*outs))
+  q_pos_rows = jnp.repeat(positions, group, axis=1)  # [B, padded * G]
+  rows = block * group
+  key_tile = min(key_block, padded)
+
+  def query_block(i, acc):
+    qb = jax.lax.dynamic_slice_in_dim(q_rows, i * rows, rows, axis=2)  # [B, Hkv, rows, D]
+    qp = jax.lax.dynamic_slice_in_dim(q_pos_rows, i * rows, rows, axis=1)
+    tiles = ((i + 1) * block + key_tile - 1) // key_tile
+    part = tiled_attention(qb, qp, kt, vt, positions, tile=key_tile, num_tiles=tiles)
+    return tuple(jax.lax.dynamic_update_slice_in_dim(a, p, i * rows, axis=2)
+                 for a, p in zip(acc, part))
+
+  acc = empty_partial(b, hkv, padded * group, d)
+  if padded == block:
+    acc = query_block(0, acc)
+  else:
+    acc = jax.lax.fori_loop(0, padded // block, query_block, acc)
+  return tuple(x[:, :, :t * group] for x in acc)
 
 
 def self_attention(q, k, v, positions, rope, *, block_size: int = 256):
@@ -135,6 +199,8 @@ __all__ = [
     "merge_partials",
     "normalize",
     "position_mask",
+    "empty_partial",
+    "tiled_attention",
     "causal_attention",
     "self_attention",
 ]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from headkv_jax import attention
 
-_OLD_TILE = 2048  # keys per tile when a prefill chunk reads the cache
+_OLD_TILE = 512  # keys per tile when a prefill chunk reads the cache
 
 
 @flax.struct.dataclass
@@ -72,6 +72,14 @@ class DenseKVCache:
     hkv = self.layers[0].k.shape[1]
     return jnp.stack([jnp.repeat(l.lengths[:, None], hkv, axis=1) for l in self.layers])
 
+  def layer_view(self, layer: int) -> "DenseKVCache":
+    """Layer ``layer`` as a one-layer cache (for layer-by-layer prefill)."""
+    return self.replace(layers=(self.layers[layer],))
+
+  def with_layer_view(self, layer: int, view: "DenseKVCache") -> "DenseKVCache":
+    """This cache with layer ``layer`` taken from the one-layer ``view``."""
+    return self.replace(layers=self.layers[:layer] + view.layers + self.layers[layer + 1:])
+
   def attend(self, layer: int, q, k, v, positions, rope):
     """Appends the new tokens and attends over the cache; needs ``length + T <= capacity``."""
     cache = self.layers[layer]
@@ -111,31 +119,18 @@ class DenseKVCache:
   def _attend_chunk(cache: DenseLayerCache, q, k, v, positions, skip_if_empty: bool):
     b, t, hq, d = q.shape
     hkv = k.shape[2]
-    parts = [attention.causal_attention(q, k, v, positions)]
     q_rows = attention.fold_queries(q * (d**-0.5), hkv)  # [B, Hkv, T*G, D]
     q_pos_rows = jnp.repeat(positions, hq // hkv, axis=1)  # [B, T*G]
-
-    rows = q_rows.shape[2]
-    empty = (jnp.zeros((b, hkv, rows, d), jnp.float32),
-             jnp.full((b, hkv, rows), -1e30, jnp.float32),
-             jnp.zeros((b, hkv, rows), jnp.float32))
     capacity = cache.k.shape[2]
-    filled = jnp.max(cache.lengths)
-    # Prefill reads the old cache in key tiles and skips, at runtime, tiles past the longest
-    # row: a chunk costs what the cache holds, not its capacity, and a tile's logits stay in
-    # cache. Decode reads everything in one go (a cond would copy the buffers every step).
-    tile = capacity if not skip_if_empty else _OLD_TILE
-    for start in range(0, capacity, tile):
-      stop = min(start + tile, capacity)
-
-      def old_part(_, start=start, stop=stop):
-        mask = attention.position_mask(q_pos_rows, cache.positions[:, start:stop])
-        return attention.partial_attention(
-            q_rows, cache.k[:, :, start:stop], cache.v[:, :, start:stop], mask)
-
-      if skip_if_empty:
-        parts.append(jax.lax.cond(filled > start, old_part, lambda _: empty, None))
-      else:
-        parts.append(old_part(None))
-    o, _, l = attention.merge_partials(parts)
+    # Prefill reads the old cache in key tiles, only the tiles the longest row has filled: a
+    # chunk costs what the cache holds, not its capacity. Decode reads it in one go.
+    if skip_if_empty:
+      tile = min(_OLD_TILE, capacity)
+      num_tiles = (jnp.max(cache.lengths) + tile - 1) // tile
+    else:
+      tile, num_tiles = capacity, 1
+    old = attention.tiled_attention(q_rows, q_pos_rows, cache.k, cache.v, cache.positions,
+                                    tile=tile, num_tiles=num_tiles)
+    new = attention.causal_attention(q, k, v, positions)
+    o, _, l = attention.merge_partials([new, old])
     return attention.unfold_outputs(attention.normalize(o, l), t).astype(v.dtype)

@@ -408,6 +408,15 @@ class PagedKVCache:
 
   # ---- the model contract ------------------------------------------------------------------
 
+  def layer_view(self, layer: int) -> "PagedKVCache":
+    """Layer ``layer`` as a one-layer cache (its budgets and bits; for layer-by-layer prefill)."""
+    return self.replace(layers=(self.layers[layer],), budgets=(self.budgets[layer],),
+                        bits=(self.bits[layer],))
+
+  def with_layer_view(self, layer: int, view: "PagedKVCache") -> "PagedKVCache":
+    """This cache with layer ``layer`` taken from the one-layer ``view``."""
+    return self.with_layer(layer, view.layers[0])
+
   def attend(self, layer: int, q, k, v, positions, rope):
     """Attention of new tokens over this layer's cache + themselves; appends them.
 

@@ -10,6 +10,10 @@ came from, so using it with another model is an error rather than a silent mis-a
   profile = HeadProfile.load('profiles/smollm2-135m.json')
   profile.check_matches('smollm2-135m', num_layers=30, num_kv_heads=3)
   plot_heatmaps(profile, 'profile.png')
+
+A profile that cannot be read, is malformed or belongs to another model raises
+:class:`ProfileError` (a ValueError; :class:`ProfileNotFoundError`, also a FileNotFoundError,
+when the file is missing) naming the file and what was expected.
 """
 
 from __future__ import annotations
@@ -27,6 +31,14 @@ from headkv_jax import head_scores
 SCORE_NAMES = ('retrieval', 'retrieval_reasoning', 'induction', 'local')
 PROFILE_VERSION = 1  # bump when the JSON layout changes
 _FORMAT = 'headkv_jax.HeadProfile'
+
+
+class ProfileError(ValueError):
+  """A head profile cannot be read, is malformed or belongs to another model."""
+
+
+class ProfileNotFoundError(ProfileError, FileNotFoundError):
+  """A head profile file does not exist (or a model has no shipped profile)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +75,11 @@ class HeadProfile:
     _validate(vars(self), source)
 
   def check_matches(self, model_id: str, num_layers: int, num_kv_heads: int) -> None:
-    """Raises ValueError unless this profile was measured on that model shape."""
+    """Raises ProfileError unless this profile was measured on that model shape."""
     mine = (self.model_id, self.num_layers, self.num_kv_heads)
     theirs = (model_id, int(num_layers), int(num_kv_heads))
     if mine != theirs:
-      raise ValueError(
+      raise ProfileError(
           f'head profile is for model {self.model_id!r} ({self.num_layers} layers, '
           f'{self.num_kv_heads} KV heads) but is used with model {model_id!r} '
           f'({num_layers} layers, {num_kv_heads} KV heads); profile that model first.')
@@ -96,29 +108,42 @@ class HeadProfile:
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> 'HeadProfile':
-    """Reads and validates a profile written by :meth:`save`."""
+    """Reads and validates a profile written by :meth:`save` (ProfileError otherwise)."""
     path = os.fspath(path)
-    with open(path) as f:
-      data = json.load(f)  # NaN literals parse; _validate names them
+    data = _read_json(path)
     if not isinstance(data, dict) or data.get('format') != _FORMAT:
-      raise ValueError(f'profile {path} is not a {_FORMAT} JSON file.')
+      raise ProfileError(f'profile {path} is not a {_FORMAT} JSON file.')
     if data.get('version') != PROFILE_VERSION:
-      raise ValueError(f'profile {path} has version {data.get("version")!r}; this code '
-                       f'reads version {PROFILE_VERSION}.')
+      raise ProfileError(f'profile {path} has version {data.get("version")!r}; this code '
+                         f'reads version {PROFILE_VERSION}.')
     try:
       fields = {f.name: data[f.name] for f in dataclasses.fields(cls)}
     except KeyError as e:
-      raise ValueError(f'profile {path} lacks field {e.args[0]!r}.') from None
+      raise ProfileError(f'profile {path} lacks field {e.args[0]!r}.') from None
     try:
       scores = {name: np.asarray(v, dtype=np.float64)
                 for name, v in dict(fields['scores']).items()}
       roles = np.asarray(fields['roles'], dtype=np.float64)
     except (TypeError, ValueError) as e:
-      raise ValueError(f'profile {path} has a score or roles that is not a '
-                       f'[num_layers, num_kv_heads] number array: {e}') from None
+      raise ProfileError(f'profile {path} has a score or roles that is not a '
+                         f'[num_layers, num_kv_heads] number array: {e}') from None
     fields.update(scores=scores, roles=roles)
     _validate(fields, path)  # first with the path in the messages
     return cls(**fields)
+
+
+def _read_json(path: str) -> Any:
+  """The JSON in ``path``; ProfileNotFoundError / ProfileError name the file."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)  # NaN literals parse; _validate names them
+  except FileNotFoundError:
+    raise ProfileNotFoundError(f'head profile {path!r} does not exist.') from None
+  except OSError as e:
+    raise ProfileError(f'cannot read head profile {path!r}: {e.strerror or e}.') from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ProfileError(f'head profile {path!r} is not valid JSON ({e}); expected a '
+                       f'{_FORMAT} file written by HeadProfile.save.') from None
 
 
 def _validate(fields: Mapping[str, Any], source: str) -> None:
@@ -128,28 +153,28 @@ def _validate(fields: Mapping[str, Any], source: str) -> None:
   shape = (num_layers, num_kv_heads)
   if not all(isinstance(n, numbers.Integral) and n >= 1 for n in (*shape, num_q_heads)) or (
       num_q_heads % num_kv_heads):
-    raise ValueError(f'profile {source}: need positive integer num_layers, num_kv_heads, '
-                     f'num_q_heads, num_q_heads divisible by num_kv_heads. Got {num_layers}, '
-                     f'{num_kv_heads}, {num_q_heads}.')
+    raise ProfileError(f'profile {source}: need positive integer num_layers, num_kv_heads, '
+                       f'num_q_heads, num_q_heads divisible by num_kv_heads. Got {num_layers}, '
+                       f'{num_kv_heads}, {num_q_heads}.')
   if sorted(scores) != sorted(SCORE_NAMES):
-    raise ValueError(f'profile {source} has scores {sorted(scores)}; expected '
-                     f'{list(SCORE_NAMES)}.')
+    raise ProfileError(f'profile {source} has scores {sorted(scores)}; expected '
+                       f'{list(SCORE_NAMES)}.')
   for name in SCORE_NAMES:
     value = np.asarray(scores[name])
     if value.shape != shape:
-      raise ValueError(f'profile {source} has score {name!r} of shape {value.shape}; '
-                       f'expected [num_layers, num_kv_heads] = {shape}.')
+      raise ProfileError(f'profile {source} has score {name!r} of shape {value.shape}; '
+                         f'expected [num_layers, num_kv_heads] = {shape}.')
     if np.isnan(value).any():
       where = tuple(int(i) for i in np.argwhere(np.isnan(value))[0])
-      raise ValueError(f'profile {source} has NaN in score {name!r} (first at '
-                       f'[layer, kv_head] = {where}).')
+      raise ProfileError(f'profile {source} has NaN in score {name!r} (first at '
+                         f'[layer, kv_head] = {where}).')
   roles = np.asarray(fields['roles'])
   if roles.shape != shape:
-    raise ValueError(f'profile {source} has roles of shape {roles.shape}; expected {shape}.')
+    raise ProfileError(f'profile {source} has roles of shape {roles.shape}; expected {shape}.')
   if not np.isin(roles, [int(r) for r in head_scores.Role]).all():
-    raise ValueError(f'profile {source} has roles outside '
-                     f'{dict(enumerate(head_scores.ROLE_NAMES))}: '
-                     f'{sorted(set(roles.reshape(-1).tolist()))}.')
+    raise ProfileError(f'profile {source} has roles outside '
+                       f'{dict(enumerate(head_scores.ROLE_NAMES))}: '
+                       f'{sorted(set(roles.reshape(-1).tolist()))}.')
 
 
 def build_profile(model_id: str, q_head_scores: Mapping[str, Any], num_kv_heads: int,

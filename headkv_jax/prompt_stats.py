@@ -148,6 +148,22 @@ class RecordingCache:
   def token_counts(self):
     return self.dense.token_counts()
 
+  def layer_view(self, layer: int) -> "RecordingCache":
+    """Layer ``layer`` as a one-layer recording cache (for layer-by-layer prefill)."""
+    return self.replace(dense=self.dense.layer_view(layer),
+                        accumulated=(self.accumulated[layer],),
+                        window_probs=(self.window_probs[layer],))
+
+  def with_layer_view(self, layer: int, view: "RecordingCache") -> "RecordingCache":
+    """This cache with layer ``layer`` (storage and statistics) taken from ``view``."""
+
+    def put(seq, x):
+      return seq[:layer] + x + seq[layer + 1:]
+
+    return self.replace(dense=self.dense.with_layer_view(layer, view.dense),
+                        accumulated=put(self.accumulated, view.accumulated),
+                        window_probs=put(self.window_probs, view.window_probs))
+
   def attend(self, layer: int, q, k, v, positions, rope):
     """The dense cache's attention, plus this call's statistics for ``layer``."""
     out, dense = self.dense.attend(layer, q, k, v, positions, rope)

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from headkv_jax import rope as rope_lib
+from models.errors import ModelLoadError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -80,26 +81,39 @@ class LlamaConfig:
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], model_id: str = "") -> "LlamaConfig":
-    """Builds a config from a Hugging Face ``config.json`` dict, validating what we support."""
+    """Builds a config from a Hugging Face ``config.json`` dict, validating what we support.
+
+    Raises:
+      ModelLoadError (a ValueError): an unsupported architecture or feature, or a missing key;
+        the message names ``model_id``.
+    """
+    try:
+      return cls._from_hf(hf, model_id)
+    except (KeyError, TypeError, ValueError) as e:  # a missing key, a bad value, a rope type
+      what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+      raise ModelLoadError(f"config of model {model_id!r}: {what}") from None
+
+  @classmethod
+  def _from_hf(cls, hf: Mapping[str, Any], model_id: str) -> "LlamaConfig":
     model_type = hf.get("model_type", "llama")
     if model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(
+      raise ModelLoadError(
           f"Unsupported architecture model_type={model_type!r} "
           f"(architectures={hf.get('architectures')}); supported: "
           f"{', '.join(SUPPORTED_MODEL_TYPES)}."
       )
     if hf.get("hidden_act", "silu") != "silu":
-      raise ValueError(f"Unsupported hidden_act {hf['hidden_act']!r}; supported: 'silu'.")
+      raise ModelLoadError(f"Unsupported hidden_act {hf['hidden_act']!r}; supported: 'silu'.")
     sliding = hf.get("sliding_window")
     if model_type == "mistral" and sliding is not None:
       max_pos = int(hf.get("max_position_embeddings", 0))
       if sliding < max_pos:
-        raise ValueError(
+        raise ModelLoadError(
             f"Mistral sliding_window={sliding} (< max_position_embeddings={max_pos}) is not "
             "supported; only full attention (sliding_window: null) is."
         )
     if model_type == "qwen2" and hf.get("use_sliding_window", False):
-      raise ValueError("Qwen2 use_sliding_window=True is not supported.")
+      raise ModelLoadError("Qwen2 use_sliding_window=True is not supported.")
     num_heads = int(hf["num_attention_heads"])
     hidden = int(hf["hidden_size"])
     eos = hf.get("eos_token_id")

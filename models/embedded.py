@@ -12,6 +12,8 @@ import dataclasses
 import importlib.util
 import pathlib
 
+from models.errors import ModelLoadError, ModelNotFoundError
+
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddedModel:
@@ -47,11 +49,11 @@ def embedded_gguf_path(alias: str = DEFAULT_MODEL) -> pathlib.Path:
   """The path of an embedded model's GGUF file inside its installed package.
 
   Raises:
-    ValueError: `alias` is not a key of `EMBEDDED_MODELS`.
-    FileNotFoundError: the package is not installed, or lacks the file.
+    ModelLoadError (a ValueError): `alias` is not a key of `EMBEDDED_MODELS`.
+    ModelNotFoundError (a FileNotFoundError): the package is not installed, or lacks the file.
   """
   if alias not in EMBEDDED_MODELS:
-    raise ValueError(
+    raise ModelLoadError(
         f"unknown embedded model {alias!r}; known aliases: {sorted(EMBEDDED_MODELS)}."
     )
   model = EMBEDDED_MODELS[alias]
@@ -64,12 +66,12 @@ def embedded_gguf_path(alias: str = DEFAULT_MODEL) -> pathlib.Path:
   except (ImportError, ValueError):
     spec = None
   if spec is None:
-    raise FileNotFoundError(install_hint)
+    raise ModelNotFoundError(install_hint)
   if spec.submodule_search_locations:
     directory = pathlib.Path(list(spec.submodule_search_locations)[0])
   else:
     directory = pathlib.Path(spec.origin).parent
   path = directory / model.filename
   if not path.is_file():
-    raise FileNotFoundError(f"{install_hint}; {str(directory)!r} has no {model.filename}.")
+    raise ModelNotFoundError(f"{install_hint}; {str(directory)!r} has no {model.filename}.")
   return path

@@ -1,8 +1,14 @@
-"""Batched generation with a KV cache: prefill (whole or chunked), then a jitted decode step.
+"""Batched generation with a KV cache: prefill (whole or chunked), then compiled decode blocks.
 
 Prompts of different lengths share one batch: each row is right-padded, padding gets position
 ``-1`` (never stored, never attended), and every row continues from its own length, so a row
 generates exactly what it would alone. Prompt lengths are bucketed to limit recompiles.
+
+Decoding runs in blocks: one jitted program (a ``lax.while_loop``) runs up to ``block_size``
+steps on device, each step = the model's forward for one token per row, the policy's eviction
+hook and sampling, with EOS handled on device; the tokens come to the host once per block.
+``compiled=False`` runs the same steps one by one from Python (the reference the blocks are
+tested against: both give the same tokens).
 
 The cache is pluggable: ``make_cache(batch, capacity)`` returns any object with the cache
 contract (the dense cache by default; a compressed ``headkv_jax`` cache for the policies), and
@@ -14,17 +20,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from headkv_jax.dense_cache import DenseKVCache
+from headkv_jax.jit import jit
 from models import sampling as sampling_lib
 from models.runner import ModelRunner
 
 BUCKET = 64  # prompt lengths are padded up to a multiple of this
+DECODE_BLOCK = 32  # decode steps per compiled block (tokens go to the host once per block)
 
 
 @dataclasses.dataclass
@@ -36,7 +45,10 @@ class GenerationResult:
     prompt_lengths: per prompt, its length in tokens.
     cache: the final cache (for ``nbytes`` and token counts).
     prefill_s: prompt processing time, compression included (compile included on new shapes).
-    decode_s / decode_steps: time and count of decode steps after the first (which compiles).
+    decode_s / decode_steps: wall time and count of the model's decode steps (one token per
+      row each, eviction and sampling included), compile excluded. Compiled blocks: every
+      step, timed from after the block's compile (an empty warm-up run) to the last block's
+      tokens on the host. ``compiled=False``: the steps after the first (which compiles).
     prefill_cache_bytes: cache bytes held during prefill (before re-packing for decoding).
   """
 
@@ -51,6 +63,15 @@ class GenerationResult:
 
 def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
+
+
+def budget_cap(prompt_len: int, max_new_tokens: int) -> int:
+  """The most tokens a method's budgets need: the prompt's *bucket* plus the new tokens.
+
+  From the bucket, not the exact length, so every prompt of one bucket gets the same static
+  budgets and pool shapes, and reuses one compiled program per method.
+  """
+  return _round_up(prompt_len, BUCKET) + max_new_tokens
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], max_positions: int, max_new_tokens: int,
@@ -113,8 +134,13 @@ def generate(
     after_prefill: Callable[[object], object] | None = None,
     after_decode_step: Callable[[object], object] | None = None,
     allow_long_context: bool = False,
+    block_size: int = DECODE_BLOCK,
+    compiled: bool = True,
 ) -> GenerationResult:
-  """Generates up to ``max_new_tokens`` for each prompt; stops a row at EOS."""
+  """Generates up to ``max_new_tokens`` for each prompt; stops a row at EOS.
+
+  ``block_size`` / ``compiled`` choose the decode loop (see :func:`decode`).
+  """
   cfg = runner.config
   eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
   done = prefill(runner, prompts, max_new_tokens, make_cache=make_cache,
@@ -122,7 +148,8 @@ def generate(
                  after_prefill=after_prefill, allow_long_context=allow_long_context)
   return decode(runner, done.cache, done.last_logits, done.lengths, max_new_tokens,
                 sampling=sampling, seed=seed, eos=eos, after_decode_step=after_decode_step,
-                prefill_s=done.prefill_s, prefill_cache_bytes=done.prefill_cache_bytes)
+                block_size=block_size, compiled=compiled, prefill_s=done.prefill_s,
+                prefill_cache_bytes=done.prefill_cache_bytes)
 
 
 def prefill(
@@ -181,24 +208,45 @@ def prefill(
 def decode(runner: ModelRunner, cache, last_logits, lengths, max_new_tokens: int, *,
            sampling: sampling_lib.SamplingConfig, seed: int, eos: set[int],
            after_decode_step: Callable[[object], object] | None = None,
+           block_size: int = DECODE_BLOCK, compiled: bool = True,
            **timing) -> GenerationResult:
-  """Samples each row's first token from ``last_logits [B, V]``, then decodes token by token.
+  """Samples each row's first token from ``last_logits [B, V]``, then decodes the rest.
 
   ``lengths [B]`` are the prompt lengths (each row continues at its own position); ``cache``
-  is donated to the model calls. ``timing`` (``prefill_s``, ``prefill_cache_bytes``) is
-  passed through to the result.
+  is donated. ``compiled=True`` decodes in jitted blocks of up to ``block_size`` steps, the
+  tokens coming to the host once per block; ``after_decode_step`` is traced inside, so it must
+  be jax-traceable, and it is part of the compiled program: pass one function (a module-level
+  jit, or a ``functools.partial`` of one with array arguments, see :func:`_split_hook`), not
+  a new closure per call, or every call compiles a new block. ``compiled=False`` steps from
+  Python: one jitted forward and one ``after_decode_step`` call per token. Both give the same
+  tokens (same PRNG key per step). ``timing`` (``prefill_s``, ``prefill_cache_bytes``) is
+  passed through.
   """
+  if block_size <= 0:
+    raise ValueError(f"block_size must be positive, got {block_size}.")
   b = len(lengths)
   lengths = np.asarray(lengths, np.int32)
-  key = jax.random.PRNGKey(seed)
+  if max_new_tokens == 0:
+    return GenerationResult([[] for _ in range(b)], lengths.tolist(), cache, **timing)
+  key, sub = jax.random.split(jax.random.PRNGKey(seed))
+  first = np.asarray(sampling_lib.sample(last_logits, sub, sampling))  # [B]
+  run = _decode_blocks if compiled else _decode_steps
+  out, cache, decode_s, steps = run(
+      runner, cache, key, first, lengths, max_new_tokens, sampling=sampling, eos=eos,
+      after_decode_step=after_decode_step, block_size=block_size)
+  return GenerationResult(out, lengths.tolist(), cache, decode_s=decode_s, decode_steps=steps,
+                          **timing)
+
+
+def _decode_steps(runner, cache, key, next_tok, lengths, max_new_tokens, *, sampling, eos,
+                  after_decode_step, block_size):
+  """The step-by-step loop: returns ``(tokens per row, cache, decode_s, steps)``."""
+  del block_size  # one step at a time
+  b = len(lengths)
   out: list[list[int]] = [[] for _ in range(b)]
   done = np.zeros(b, bool)
-  if max_new_tokens == 0:
-    return GenerationResult(out, lengths.tolist(), cache, **timing)
   t0 = time.perf_counter()
   steps = 0
-  key, sub = jax.random.split(key)
-  next_tok = np.asarray(sampling_lib.sample(last_logits, sub, sampling))
   for step in range(max_new_tokens):
     for i in range(b):
       if not done[i]:
@@ -216,9 +264,108 @@ def decode(runner: ModelRunner, cache, last_logits, lengths, max_new_tokens: int
       t0 = time.perf_counter()
     else:
       steps += 1
-  decode_s = time.perf_counter() - t0
-  return GenerationResult(out, lengths.tolist(), cache, decode_s=decode_s, decode_steps=steps,
-                          **timing)
+  return out, cache, time.perf_counter() - t0, steps
+
+
+class DecodeState(NamedTuple):
+  """What a decode block carries from step to step (and from block to block, donated).
+
+  Attributes:
+    cache: the KV cache.
+    key: the PRNG key the next step splits.
+    tokens: ``[B]`` int32 each row's last sampled token (the next step's input).
+    done: ``[B]`` bool rows that emitted EOS (they decode at position ``-1`` from then on).
+    emitted: int32 scalar, tokens emitted so far (the first, sampled from prefill, included).
+  """
+
+  cache: object
+  key: jax.Array
+  tokens: jax.Array
+  done: jax.Array
+  emitted: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLoop:
+  """One block of decode steps, traced inside ``ModelRunner.decode_block`` (static).
+
+  A step feeds each row's last token at position ``length + emitted - 1`` (``-1`` once the row
+  is done), runs ``hook(*hook_args, cache, **hook_kwargs)`` (the method's eviction), splits
+  the key and samples, exactly as the step-by-step loop. The block stops after ``block``
+  steps, when ``emitted`` reaches ``limit`` (a traced count: the last, shorter block runs the
+  same program) or when every row is done.
+  """
+
+  block: int
+  sampling: sampling_lib.SamplingConfig
+  hook: Callable | None = None
+
+  def __call__(self, step, state: DecodeState, lengths, eos, limit, hook_operands):
+    """-> ``(state, tokens [B, block])``: the tokens each row emitted, ``-1`` after the end."""
+    hook_args, hook_kwargs = hook_operands
+
+    def cond(carry):
+      i, s, _ = carry
+      return (i < self.block) & (s.emitted < limit) & ~jnp.all(s.done)
+
+    def body(carry):
+      i, s, tokens = carry
+      positions = jnp.where(s.done, -1, lengths + s.emitted - 1)  # [B]
+      logits, cache = step(s.tokens, positions, s.cache)
+      if self.hook is not None:
+        cache = self.hook(*hook_args, cache, **hook_kwargs)
+      key, sub = jax.random.split(s.key)
+      new = sampling_lib.sample(logits, sub, self.sampling)  # [B]
+      tokens = tokens.at[:, i].set(jnp.where(s.done, -1, new))
+      done = s.done | (new[:, None] == eos[None, :]).any(axis=1)
+      return i + 1, DecodeState(cache, key, new, done, s.emitted + 1), tokens
+
+    tokens = jnp.full((state.tokens.shape[0], self.block), -1, jnp.int32)  # [B, block]
+    _, state, tokens = lax.while_loop(cond, body, (jnp.int32(0), state, tokens))
+    return state, tokens
+
+
+def _decode_blocks(runner, cache, key, first, lengths, max_new_tokens, *, sampling, eos,
+                   after_decode_step, block_size):
+  """Decodes in compiled blocks: returns ``(tokens per row, cache, decode_s, steps)``."""
+  out = [[int(t)] for t in first]
+  done = np.isin(first, list(eos))
+  if done.all() or max_new_tokens == 1:
+    return out, cache, 0.0, 0
+  hook, hook_operands = _split_hook(after_decode_step)
+  loop = DecodeLoop(block_size, sampling, hook)
+  state = DecodeState(cache, key, jnp.asarray(first), jnp.asarray(done), jnp.int32(1))
+  lengths = jnp.asarray(lengths)
+  eos = jnp.asarray(sorted(eos), jnp.int32).reshape(-1)  # [E]
+  # Compile outside the timed region: a limit of 0 runs no step (and keeps the state).
+  state, _ = runner.decode_block(loop, state, lengths, eos, jnp.int32(0), hook_operands)
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  limit = jnp.int32(max_new_tokens)
+  while True:
+    state, tokens = runner.decode_block(loop, state, lengths, eos, limit, hook_operands)
+    tokens, emitted, done = jax.device_get((tokens, state.emitted, state.done))
+    for row, new in zip(out, tokens):
+      row.extend(int(t) for t in new if t >= 0)
+    if done.all() or emitted >= max_new_tokens:
+      break
+  return out, state.cache, time.perf_counter() - t0, int(emitted) - 1
+
+
+def _split_hook(hook):
+  """``hook`` as ``(static function, (args, kwargs))`` for :class:`DecodeLoop`.
+
+  A ``functools.partial`` whose bound arguments are all arrays is split: its function is
+  static and its arrays are operands of the compiled block, so new arrays (e.g. the oracle's
+  scores per sample) reuse the program. Any other hook is static as it is: a new closure per
+  call compiles a new block.
+  """
+  if isinstance(hook, functools.partial):
+    bound = (hook.args, dict(hook.keywords))
+    leaves = jax.tree_util.tree_leaves(bound)
+    if leaves and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves):
+      return hook.func, bound
+  return hook, ((), {})
 
 
 def method_hooks(spec, config, *, batch: int, prompt_len: int, max_new_tokens: int,
@@ -226,9 +373,12 @@ def method_hooks(spec, config, *, batch: int, prompt_len: int, max_new_tokens: i
   """``generate`` keyword arguments that run compression method ``spec`` (a MethodSpec).
 
   Prefill is one shot (``chunk_size=None``) or chunked; the cache is compressed after every
-  prefill chunk, re-packed for decoding (``rechunk(1)``: decode-time bytes are the budgets'),
-  and compressed again after every decode step (h2o re-evicts each step; the others evict once
-  a head passes its budget).
+  prefill chunk and re-packed for decoding (``rechunk(1)``: each head's region is its budget
+  plus one token, rounded up to a page). While decoding, eviction is amortised
+  (:func:`evict_while_decoding`): a layer evicts only when one of its heads has no room for
+  the next token, so a head holds between its budget and its region's size (budget + up to
+  one page) and evicts about once per page of steps instead of every step. H2O's scores still
+  accumulate every step; what ``cache_bytes`` reports is the regions, headroom included.
   """
   from headkv_jax import methods
 
@@ -239,21 +389,32 @@ def method_hooks(spec, config, *, batch: int, prompt_len: int, max_new_tokens: i
     return methods.make_cache(
         spec, num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
         head_dim=config.head_dim, batch=b, capacity=capacity, chunk_size=chunk, dtype=dtype,
-        max_len=prompt_len + max_new_tokens, profile=profile)
+        max_len=budget_cap(prompt_len, max_new_tokens), profile=profile)
 
   hooks = dict(make_cache=make_cache, chunk_size=chunk_size)
   if spec.name != "full" or not spec.bit_scheme.is_full_precision:  # a paged cache
     hooks.update(after_prefill_chunk=_jit_compress, after_prefill=_jit_rechunk,
-                 after_decode_step=_jit_compress)
+                 after_decode_step=evict_while_decoding)
   return hooks
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+@jit(donate_argnums=0)
+def evict_while_decoding(cache):
+  """The decode-step eviction of a paged cache: amortised, ``compress(headroom=1)``.
+
+  A layer evicts (back to the budgets) only when a head could not take one more token; a
+  step with room to spare costs one ``lax.cond`` per layer. On the embedded model with
+  snapkv at budget 1024, an eviction every step cost ~45 ms of a ~100 ms step.
+  """
+  return cache.compress(headroom=1)
+
+
+@jit(donate_argnums=0)
 def _jit_compress(cache):
   return cache.compress()
 
 
-@jax.jit  # no donation: the re-packed pools have other shapes
+@jit  # no donation: the re-packed pools have other shapes
 def _jit_rechunk(cache):
   return cache.rechunk(1)
 

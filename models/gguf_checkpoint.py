@@ -28,6 +28,7 @@ import gguf
 import numpy as np
 
 from models import hf_checkpoint
+from models.errors import ModelLoadError, ModelNotFoundError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
@@ -69,9 +70,9 @@ def read_gguf_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, np.nd
     to float32 numpy array in PyTorch layout.
 
   Raises:
-    FileNotFoundError: `path` does not exist.
-    ValueError: the file is not a readable GGUF file, its architecture is unsupported, or a
-      tensor has an unknown name or a quantization `gguf` cannot dequantize.
+    ModelNotFoundError (a FileNotFoundError): `path` does not exist.
+    ModelLoadError (a ValueError): the file is not a readable GGUF file, its architecture is
+      unsupported, or a tensor has an unknown name or a quantization `gguf` cannot dequantize.
   """
   reader = open_gguf(path)
   arch = _architecture(reader, path)
@@ -90,15 +91,25 @@ def read_gguf_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, np.nd
   return hf_config, state
 
 
+def read_gguf_config(path: str | os.PathLike) -> dict:
+  """The config.json-style dict of a GGUF file, without dequantizing its weights.
+
+  Raises what :func:`read_gguf_checkpoint` raises for the file and its metadata.
+  """
+  reader = open_gguf(path)
+  arch = _architecture(reader, path)
+  return _hf_config(reader, arch, {t.name: t for t in reader.tensors}, path)
+
+
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
   """Opens a GGUF file, turning the reader's low-level failures into one clear error."""
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist.")
+    raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist.")
   try:
     return gguf.GGUFReader(path)
   except Exception as e:  # the reader fails with struct, numpy and index errors alike
-    raise ValueError(
+    raise ModelLoadError(
         f"cannot read GGUF file {str(path)!r} (truncated or not GGUF?): {type(e).__name__}: {e}"
     ) from None
 
@@ -106,8 +117,9 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
 def _architecture(reader: gguf.GGUFReader, path) -> str:
   arch = _field(reader, "general.architecture", path)
   if arch not in SUPPORTED_ARCHITECTURES:
-    raise ValueError(
-        f"GGUF file {str(path)!r} has architecture {arch!r}; supported: {SUPPORTED_ARCHITECTURES}."
+    raise ModelLoadError(
+        f"GGUF file {str(path)!r} has unsupported architecture {arch!r}; supported: "
+        f"{SUPPORTED_ARCHITECTURES}."
     )
   return arch
 
@@ -116,7 +128,7 @@ def _field(reader: gguf.GGUFReader, key: str, path, default=...):
   field = reader.fields.get(key)
   if field is None:
     if default is ...:
-      raise ValueError(f"GGUF file {str(path)!r} has no metadata key {key!r}.")
+      raise ModelLoadError(f"GGUF file {str(path)!r} has no metadata key {key!r}.")
     return default
   return field.contents()
 
@@ -128,19 +140,19 @@ def _hf_config(reader: gguf.GGUFReader, arch: str, tensors: dict, path) -> dict:
   num_heads = meta("attention.head_count")
   num_kv_heads = meta("attention.head_count_kv", num_heads)
   if isinstance(num_kv_heads, list):
-    raise ValueError(
+    raise ModelLoadError(
         f"GGUF file {str(path)!r} has per-layer KV head counts {num_kv_heads}; only one "
         "count for all layers is supported."
     )
   head_dim = meta("attention.key_length", hidden_size // num_heads)
   rotary_dim = meta("rope.dimension_count", head_dim)
   if rotary_dim != head_dim:
-    raise ValueError(
+    raise ModelLoadError(
         f"GGUF file {str(path)!r} rotates {rotary_dim} of {head_dim} head dims; only full "
         "rotary embeddings are supported."
     )
   if "token_embd.weight" not in tensors:
-    raise ValueError(f"GGUF file {str(path)!r} has no 'token_embd.weight' tensor.")
+    raise ModelLoadError(f"GGUF file {str(path)!r} has no 'token_embd.weight' tensor.")
   rope_theta = _short_float(meta("rope.freq_base", 10000.0))
   config = {
       "architectures": [_HF_ARCHITECTURES[arch]],
@@ -165,7 +177,7 @@ def _hf_config(reader: gguf.GGUFReader, arch: str, tensors: dict, path) -> dict:
       "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id", path, None),
       "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id", path, None),
   }
-  return hf_checkpoint.normalize_hf_config(config)
+  return hf_checkpoint.normalize_hf_config(config, f"GGUF file {str(path)!r}")
 
 
 def _short_float(value: float) -> float:
@@ -184,7 +196,7 @@ def _rope_scaling(reader, arch, tensors, rope_theta, head_dim, path) -> dict | N
     return {"rope_type": "yarn", "factor": float(factor),
             "original_max_position_embeddings": int(original)}
   if kind not in ("none", "linear", "yarn"):
-    raise ValueError(
+    raise ModelLoadError(
         f"GGUF file {str(path)!r} has rope.scaling.type {kind!r}; supported: none, linear, yarn."
     )
   if "rope_freqs.weight" in tensors:
@@ -211,7 +223,7 @@ def llama3_rope_scaling(divisors: np.ndarray, rope_theta: float, head_dim: int,
                       np.where(wavelen > old_len / low, factor,
                                1 / ((1 - smooth) / factor + smooth)))
   if divisors.shape != expected.shape or not np.allclose(divisors, expected, rtol=1e-4):
-    raise ValueError(
+    raise ModelLoadError(
         f"GGUF file {str(path)!r} has a rope_freqs tensor that is not Llama 3 RoPE scaling with "
         f"{_LLAMA3_ROPE}; other rope_freqs are not supported."
     )
@@ -223,7 +235,7 @@ def _dequantize(tensor, path) -> np.ndarray:
   try:
     weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
   except NotImplementedError:
-    raise ValueError(
+    raise ModelLoadError(
         f"GGUF file {str(path)!r}: tensor {tensor.name!r} has quantization "
         f"{tensor.tensor_type.name}, which the installed gguf package cannot dequantize."
     ) from None
@@ -247,7 +259,7 @@ def _hf_name(name: str, path) -> str:
   if match and match.group(2) in _BLOCK_TENSORS:
     layer, part, suffix = match.groups()
     return f"model.layers.{layer}.{_BLOCK_TENSORS[part]}.{suffix}"
-  raise ValueError(
+  raise ModelLoadError(
       f"GGUF file {str(path)!r} has tensor {name!r}, which has no Hugging Face Llama name; known:"
       f" {sorted(_GLOBAL_TENSORS)} and blk.N.{{{', '.join(_BLOCK_TENSORS)}}}."
   )

@@ -24,9 +24,15 @@ import struct
 import numpy as np
 import safetensors
 
+from models.errors import ModelLoadError, ModelNotFoundError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+
+# The `architectures` entries of config.json this package runs, and their model_type.
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                           "Qwen2ForCausalLM": "qwen2"}
 
 # Buffers some older checkpoints saved that are not parameters.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -44,18 +50,13 @@ def read_hf_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndar
     PyTorch parameter name to a float32 numpy array in PyTorch layout.
 
   Raises:
-    FileNotFoundError: the directory, its config.json, its weights or a listed shard is missing.
-    ValueError: config.json or a safetensors file cannot be parsed (truncated, corrupt).
+    ModelNotFoundError (a FileNotFoundError): the directory, its config.json, its weights or a
+      listed shard is missing.
+    ModelLoadError (a ValueError): config.json or a safetensors file cannot be parsed
+      (truncated, corrupt), or config.json names an unsupported architecture.
   """
+  hf_config = read_hf_config(path)
   directory = pathlib.Path(path)
-  if not directory.exists():
-    raise FileNotFoundError(f"Hugging Face checkpoint directory {str(directory)!r} does not exist.")
-  if not directory.is_dir():
-    raise FileNotFoundError(
-        f"{str(directory)!r} is not a directory; a Hugging Face checkpoint is a directory with "
-        f"{CONFIG_FILE} and *.safetensors files (for a .gguf file use read_gguf_checkpoint)."
-    )
-  hf_config = normalize_hf_config(_read_config(directory))
   state = {}
   for shard in _weight_files(directory):
     state.update(read_safetensors(shard))
@@ -65,19 +66,31 @@ def read_hf_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndar
   return hf_config, state
 
 
-def normalize_hf_config(config: dict) -> dict:
+def read_hf_config(path: str | os.PathLike) -> dict:
+  """The normalized config.json of a Hugging Face directory, without reading its weights.
+
+  Raises what :func:`read_hf_checkpoint` raises for the directory and its config.
+  """
+  directory = _checkpoint_dir(path)
+  return normalize_hf_config(_read_config(directory), repr(str(directory / CONFIG_FILE)))
+
+
+def normalize_hf_config(config: dict, source: str = "config") -> dict:
   """Fills in the values transformers derives, so every reader's config has the same keys.
 
   transformers 5 writes `rope_parameters` ({"rope_type", "rope_theta", ...}) where 4.x wrote
   `rope_theta` and `rope_scaling` (None for plain RoPE; older files say "type", not
   "rope_type"). The result has all three, consistent, plus `head_dim`, `num_key_value_heads`
   and `tie_word_embeddings` (Llama's default, false, when absent). Returns a new dict.
+  `source` (the config's path) names it in errors; an unsupported architecture is reported
+  before any missing key.
   """
   config = dict(config)
+  check_architecture(config, source)
   for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
     if not isinstance(config.get(key), int):
-      raise ValueError(
-          f"config has no integer {key!r} (got {config.get(key)!r}); keys: {sorted(config)}."
+      raise ModelLoadError(
+          f"{source} has no integer {key!r} (got {config.get(key)!r}); keys: {sorted(config)}."
       )
   if config.get("head_dim") is None:
     config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
@@ -101,18 +114,52 @@ def normalize_hf_config(config: dict) -> dict:
   return config
 
 
+def check_architecture(config: dict, source: str = "config") -> None:
+  """Raises ModelLoadError unless `architectures` and `model_type` are ones this package runs.
+
+  A config without `architectures` is judged by its `model_type` (default "llama").
+  """
+  model_type = config.get("model_type", "llama")
+  architectures = config.get("architectures") or []
+  if isinstance(architectures, str):
+    architectures = [architectures]
+  unknown = [a for a in architectures if a not in SUPPORTED_ARCHITECTURES]
+  if not unknown and model_type in SUPPORTED_ARCHITECTURES.values():
+    return
+  name = ", ".join(map(str, unknown)) if unknown else f"with model_type {model_type!r}"
+  types = ", ".join(dict.fromkeys(SUPPORTED_ARCHITECTURES.values()))
+  raise ModelLoadError(
+      f"{source}: unsupported architecture {name} (model_type {model_type!r}); supported: "
+      f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type {types}).")
+
+
+def _checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
+  """``path`` as a directory that exists (ModelNotFoundError otherwise)."""
+  directory = pathlib.Path(path)
+  if not directory.exists():
+    raise ModelNotFoundError(
+        f"Hugging Face checkpoint directory {str(directory)!r} does not exist.")
+  if not directory.is_dir():
+    raise ModelNotFoundError(
+        f"{str(directory)!r} is not a directory; a Hugging Face checkpoint is a directory with "
+        f"{CONFIG_FILE} and *.safetensors files (for a .gguf file use read_gguf_checkpoint)."
+    )
+  return directory
+
+
 def _read_config(directory: pathlib.Path) -> dict:
   config_path = directory / CONFIG_FILE
   if not config_path.is_file():
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"{str(directory)!r} has no {CONFIG_FILE}; found {_listing(directory)}."
     )
   try:
     config = json.loads(config_path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{str(config_path)!r} is not valid JSON: {e}") from None
+    raise ModelLoadError(f"{str(config_path)!r} is not valid JSON: {e}") from None
   if not isinstance(config, dict):
-    raise ValueError(f"{str(config_path)!r} holds a {type(config).__name__}, expected an object.")
+    raise ModelLoadError(
+        f"{str(config_path)!r} holds a {type(config).__name__}, expected an object.")
   return config
 
 
@@ -123,20 +170,20 @@ def _weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
     try:
       weight_map = json.loads(index_path.read_text())["weight_map"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-      raise ValueError(
+      raise ModelLoadError(
           f"{str(index_path)!r} is not a safetensors index (JSON with a 'weight_map'): {e!r}"
       ) from None
     shards = [directory / name for name in sorted(set(weight_map.values()))]
     missing = [s.name for s in shards if not s.is_file()]
     if missing:
-      raise FileNotFoundError(
+      raise ModelNotFoundError(
           f"{str(index_path)!r} lists shards missing from {str(directory)!r}: {missing}."
       )
     return shards
   single = directory / SINGLE_FILE
   if single.is_file():
     return [single]
-  raise FileNotFoundError(
+  raise ModelNotFoundError(
       f"{str(directory)!r} has neither {SINGLE_FILE} nor {INDEX_FILE}; found {_listing(directory)}."
   )
 
@@ -144,14 +191,14 @@ def _weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
 def _check_lm_head(hf_config: dict, state: dict, directory: pathlib.Path) -> None:
   """Makes `lm_head.weight` present exactly when the embeddings are untied."""
   if "model.embed_tokens.weight" not in state:
-    raise ValueError(
+    raise ModelLoadError(
         f"{str(directory)!r} has no 'model.embed_tokens.weight'; is it a LlamaForCausalLM-style "
         f"checkpoint? First names: {sorted(state)[:5]}."
     )
   if hf_config["tie_word_embeddings"]:
     state.pop("lm_head.weight", None)
   elif "lm_head.weight" not in state:
-    raise ValueError(
+    raise ModelLoadError(
         f"{str(directory)!r}: config.json says tie_word_embeddings=false but the weights have "
         "no 'lm_head.weight'."
     )
@@ -161,12 +208,13 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads every tensor of one safetensors file as float32 numpy (bf16 included).
 
   Raises:
-    FileNotFoundError: the file does not exist.
-    ValueError: the file is truncated or not a safetensors file (the message names it).
+    ModelNotFoundError (a FileNotFoundError): the file does not exist.
+    ModelLoadError (a ValueError): the file is truncated or not a safetensors file (the message
+      names it).
   """
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"safetensors file {str(path)!r} does not exist.")
+    raise ModelNotFoundError(f"safetensors file {str(path)!r} does not exist.")
   try:
     with safetensors.safe_open(str(path), framework="numpy") as f:
       tensors = {}
@@ -179,7 +227,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
           tensors[name] = np.asarray(f.get_tensor(name), dtype=np.float32)
       return tensors
   except safetensors.SafetensorError as e:
-    raise ValueError(
+    raise ModelLoadError(
         f"cannot read safetensors file {str(path)!r} (truncated or corrupt?): {e}"
     ) from None
 

@@ -102,13 +102,17 @@ class Llama(nnx.Module):
     if not config.tie_word_embeddings:
       self.lm_head = _linear(config.hidden_size, config.vocab_size, dtype, rngs)
 
+  def embed(self, tokens):
+    """``tokens [B, T]`` (padding may be any value) -> embeddings ``[B, T, H]``."""
+    return self.embed_tokens(jnp.maximum(tokens, 0))
+
   def hidden_states(self, tokens, positions=None, cache=None):
     """Final normed hidden states ``[B, T, H]`` and the updated cache."""
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     rope = self.config.make_rope()
-    x = self.embed_tokens(jnp.maximum(tokens, 0))  # [B, T, H]
+    x = self.embed(tokens)  # [B, T, H]
     for i, layer in enumerate(self.layers):
       x, cache = layer(x, positions, rope, i, cache)
     return self.norm(x), cache
@@ -127,11 +131,16 @@ class Llama(nnx.Module):
     all generation needs and saves a ``[B, T, vocab]`` array on long prompts.
     """
     x, cache = self.hidden_states(tokens, positions, cache)
+    return self.head(x, positions, last_only=last_only), cache
+
+  def head(self, x, positions=None, *, last_only: bool = False):
+    """Normed hidden states ``[B, T, H]`` -> logits (of each row's last real token if
+    ``last_only``; ``positions`` None means every token is real)."""
     if last_only:
-      b, t = tokens.shape
+      b, t = x.shape[:2]
       if positions is None:
         last = jnp.full((b,), t - 1)
       else:
         last = jnp.maximum(jnp.sum(positions >= 0, axis=1) - 1, 0)
       x = x[jnp.arange(b), last]  # [B, H]
-    return self.logits_from_hidden(x), cache
+    return self.logits_from_hidden(x)

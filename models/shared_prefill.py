@@ -117,12 +117,12 @@ def generate_from(runner: ModelRunner, shared: SharedPrefill, spec: methods_lib.
     return run(cache=cache, prefill_s=shared.prefill_s + time.perf_counter() - t0)
   budgets = methods_lib.paged_budgets(
       spec, cfg.num_layers, cfg.num_kv_heads, profile=profile,
-      max_len=int(shared.lengths.max()) + shared.max_new_tokens)
+      max_len=generation.budget_cap(int(shared.lengths.max()), shared.max_new_tokens))
   bits = methods_lib.method_bits(spec, budgets, profile=profile)
   cache = jax.block_until_ready(_compress(shared.recorded, _static(budgets), spec.policy(),
                                           _static(bits["bits"]), bits["residual"]))
   return run(cache=cache, prefill_s=shared.prefill_s + time.perf_counter() - t0,
-             after_decode_step=generation._jit_compress)
+             after_decode_step=generation.evict_while_decoding)
 
 
 def _static(array) -> tuple:

@@ -7,13 +7,15 @@
 All three go through `transformers.AutoTokenizer`, offline (`local_files_only=True`). Turning a
 GGUF vocab into a fast tokenizer takes seconds (about 3 s for SmolLM2's 49k tokens on a 2-core
 CPU), so the result is kept in process and saved with `save_pretrained` under
-`~/.cache/headkv_jax/tokenizers/` (`$HEADKV_JAX_CACHE` overrides the root), keyed by the GGUF's
-path, size, mtime and the transformers version; reloading it takes a fraction of a second.
+`<cache root>/tokenizers/` (`models.cache_dirs`: `$HEADKV_JAX_CACHE`, `$XDG_CACHE_HOME/headkv_jax`
+or `~/.cache/headkv_jax`), keyed by the GGUF's path, size, mtime and the transformers version;
+reloading it takes a fraction of a second.
 Loaders share one tokenizer object per source: do not mutate it.
 """
 
 import functools
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -21,13 +23,14 @@ import tempfile
 
 import transformers
 
+from models import cache_dirs
 from models import embedded
+from models.errors import ModelLoadError, ModelNotFoundError
 
 
 def default_cache_dir() -> pathlib.Path:
-  """The root of headkv_jax's on-disk caches: `$HEADKV_JAX_CACHE` or ~/.cache/headkv_jax."""
-  root = os.environ.get("HEADKV_JAX_CACHE")
-  return pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "headkv_jax"
+  """The root of headkv_jax's on-disk caches (`models.cache_dirs.cache_root`)."""
+  return cache_dirs.cache_root()
 
 
 def load_tokenizer(path_or_alias: str | os.PathLike,
@@ -44,9 +47,10 @@ def load_tokenizer(path_or_alias: str | os.PathLike,
     A `transformers` tokenizer (shared per source; treat it as read-only).
 
   Raises:
-    FileNotFoundError: the path does not exist or an alias's package is not installed.
-    ValueError: an unknown alias, or a file or directory transformers cannot read a tokenizer
-      from.
+    ModelNotFoundError (a FileNotFoundError): the path does not exist or an alias's package is
+      not installed.
+    ModelLoadError (a ValueError): an unknown alias, or a file or directory transformers cannot
+      read a tokenizer from.
   """
   if embedded.is_embedded_alias(path_or_alias):
     path = embedded.embedded_gguf_path(path_or_alias)
@@ -54,7 +58,7 @@ def load_tokenizer(path_or_alias: str | os.PathLike,
     path = pathlib.Path(path_or_alias)
   if not path.exists():
     known = sorted(embedded.EMBEDDED_MODELS)
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"tokenizer source {str(path_or_alias)!r} is neither an existing path nor an embedded "
         f"model alias (known: {known})."
     )
@@ -71,17 +75,17 @@ def _load_cached(path: str, size: int, mtime_ns: int, cache_root: str):
   if source.is_dir():
     return _from_pretrained(source, str(source))
   if source.suffix != ".gguf":
-    raise ValueError(
+    raise ModelLoadError(
         f"tokenizer source {path!r} is a {source.suffix or 'suffixless'} file; expected a .gguf "
         "file, a Hugging Face directory or an embedded model alias."
     )
   key = hashlib.sha256(
       f"{path}|{size}|{mtime_ns}|{transformers.__version__}".encode()
   ).hexdigest()[:16]
-  cached = pathlib.Path(cache_root) / "tokenizers" / f"{source.stem}-{key}"
+  cached = pathlib.Path(cache_root) / cache_dirs.TOKENIZERS / f"{source.stem}-{key}"
   if cached.is_dir():
     try:
-      return _from_pretrained(cached, str(cached))
+      return _from_saved(cached)
     except ValueError:
       pass  # a damaged cache entry: convert again below
   tokenizer = _from_pretrained(source.parent, path, gguf_file=source.name)
@@ -89,13 +93,29 @@ def _load_cached(path: str, size: int, mtime_ns: int, cache_root: str):
   return tokenizer
 
 
-def _from_pretrained(directory: pathlib.Path, label: str, **kwargs):
+def _from_saved(directory: pathlib.Path):
+  """A tokenizer this module saved, built by the fast class directly when it is one.
+
+  AutoTokenizer imports torch on first use (2.5 s of a 3 s reload), which a fast tokenizer
+  never needs.
+  """
+  fast = transformers.PreTrainedTokenizerFast
   try:
-    return transformers.AutoTokenizer.from_pretrained(
+    saved = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
+  except (OSError, ValueError, AttributeError):
+    saved = None
+  if saved in ("PreTrainedTokenizerFast", fast.__name__):
+    return _from_pretrained(directory, str(directory), tokenizer_class=fast)
+  return _from_pretrained(directory, str(directory))
+
+
+def _from_pretrained(directory: pathlib.Path, label: str, tokenizer_class=None, **kwargs):
+  try:
+    return (tokenizer_class or transformers.AutoTokenizer).from_pretrained(
         str(directory), local_files_only=True, **kwargs
     )
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ValueError(
+    raise ModelLoadError(
         f"transformers cannot load a tokenizer from {label!r}: {type(e).__name__}: {e}"
     ) from None
 

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import LlamaConfig
+from models.errors import ModelLoadError
 from models.llama import Llama
 
 
@@ -35,7 +36,12 @@ def _hf_name(path: tuple) -> tuple[str, bool]:
 
 def model_from_hf_state(config: LlamaConfig, state: Mapping[str, np.ndarray],
                         dtype=jnp.float32) -> Llama:
-  """Builds a :class:`Llama` whose parameters come from an HF-named state dict."""
+  """Builds a :class:`Llama` whose parameters come from an HF-named state dict.
+
+  Raises:
+    ModelLoadError (a ValueError): a tensor is missing or has a shape the config does not
+      expect.
+  """
   abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   flat = []
@@ -50,12 +56,12 @@ def model_from_hf_state(config: LlamaConfig, state: Mapping[str, np.ndarray],
       arr = arr.T
     expected = var.get_value().shape
     if arr.shape != tuple(expected):
-      raise ValueError(
+      raise ModelLoadError(
           f"Checkpoint tensor {name} has shape {arr.shape} (after layout change); the config "
           f"expects {tuple(expected)}.")
     flat.append((path, var.replace(jnp.asarray(arr, dtype=dtype))))
   if missing:
-    raise ValueError(
+    raise ModelLoadError(
         f"Checkpoint is missing {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}.")
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 

@@ -45,12 +45,57 @@ def test_budget_past_the_prompt_equals_full(runner, name):
 
 
 def test_small_budget_caches_hold_budget_bytes(runner):
-  """After generation a budget-64 cache holds ~64 tokens/head; bytes far below full."""
+  """After generation a budget-64 cache holds 64 .. 64 + one page tokens/head (amortised
+  eviction while decoding); bytes far below full."""
   full = _run(runner, methods.MethodSpec("full"))
   small = _run(runner, methods.MethodSpec("snapkv", budget=64), chunk_size=64)
   counts = np.asarray(small.cache.token_counts())
-  assert counts.max() <= 64
+  assert 64 <= counts.min() and counts.max() <= 64 + small.cache.page_size
   assert small.cache.nbytes < full.cache.nbytes / 2
+
+
+@pytest.mark.parametrize("name,same_tokens", [("streamingllm", True), ("snapkv", False),
+                                               ("h2o", False)])
+def test_amortised_eviction_stays_in_its_region_and_matches_eager(name, same_tokens):
+  """Decoding with ``compress(headroom=1)``: a head never holds more than its region (budget +
+  under one page), evicts back to its budget about once a page, and, where the ranking of
+  the kept tokens does not change while decoding (streamingllm: sinks + the most recent),
+  keeps at each of those steps exactly the tokens that evicting at every step keeps."""
+  import jax
+  import jax.numpy as jnp
+
+  rng = np.random.RandomState(2)
+  budget, page = 40, 16
+  rope = CFG.make_rope()
+  caches = {}
+  for mode in ("eager", "amortised"):
+    cache = PagedKVCache.create(1, 1, 2, 8, budget, name, chunk_size=64, page_size=page)
+    q = jnp.asarray(rng.randn(1, 64, 6, 8), jnp.float32)
+    kv = jnp.asarray(rng.randn(1, 64, 2, 8), jnp.float32)
+    _, cache = cache.attend(0, q, kv, kv, jnp.arange(64, dtype=jnp.int32)[None], rope)
+    caches[mode] = cache.rechunk(1)
+  step_rng = np.random.RandomState(3)
+  compress = {"eager": jax.jit(lambda c: c.compress()),
+              "amortised": jax.jit(lambda c: c.compress(headroom=1))}
+  region = -(-(budget + 1) // page) * page
+  evictions = 0
+  for t in range(64, 64 + 3 * page):
+    q = jnp.asarray(step_rng.randn(1, 1, 6, 8), jnp.float32)
+    kv = jnp.asarray(step_rng.randn(1, 1, 2, 8), jnp.float32)
+    pos = jnp.full((1, 1), t, jnp.int32)
+    for mode in caches:
+      _, c = caches[mode].attend(0, q, kv, kv, pos, rope)
+      caches[mode] = compress[mode](c)
+    lengths = np.asarray(caches["amortised"].layers[0].lengths)
+    assert lengths.max() <= region
+    assert np.all(np.asarray(caches["eager"].layers[0].lengths) == budget)
+    if np.all(lengths == budget):  # the amortised cache evicted at this step
+      evictions += 1
+      if not same_tokens:
+        continue
+      kept = [np.sort(np.asarray(caches[m].view(0)[2])[0, :, :budget], axis=1) for m in caches]
+      np.testing.assert_array_equal(kept[0], kept[1])
+  assert evictions >= 2
 
 
 def test_rechunk_keeps_tokens_and_shrinks():

@@ -4,9 +4,14 @@ import json
 import os
 import shutil
 
+from matplotlib import container as containers
+import numpy as np
 import pandas as pd
+import pytest
 
+from experiments import phase4
 from experiments import report
+from experiments import stats
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'report_run')
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -126,3 +131,128 @@ def test_head_bits_heatmap_needs_head_bits(tmp_path):
              for i in range(8)]  # 30 layers x 8 KV heads, 8 panels over two rows
   assert report.draw_head_bits(records, path)
   assert open(path, 'rb').read().startswith(PNG_MAGIC)
+
+
+def _errorbars(ax):
+  """{label: ErrorbarContainer} of an axes' error bars (bars' ones under their index)."""
+  out = {}
+  for i, container in enumerate(ax.containers):
+    if isinstance(container, containers.ErrorbarContainer):
+      out[container.get_label() if not container.get_label().startswith('_') else i] = container
+  return out
+
+
+def _assert_bounds(container, intervals, axis=1):
+  """The error bars of `container` span `intervals` ([(low, high)] per point), along y
+  (axis=1) or x (axis=0)."""
+  segments = container.lines[2][0].get_segments()
+  drawn = [(s[0][axis], s[1][axis]) for s in segments]
+  np.testing.assert_allclose(drawn, intervals, atol=1e-12)
+
+
+def _captured_figures(monkeypatch):
+  """Figures `render_report` draws, by file name (plot_figure wrapped)."""
+  figures = {}
+  draw = report.plot_figure
+
+  def capture(plot, df):
+    fig = draw(plot, df)
+    if fig is not None:
+      figures[plot.filename] = fig
+    return fig
+
+  monkeypatch.setattr(report, 'plot_figure', capture)
+  return figures
+
+
+def test_phase4_renders_wilson_error_bars_from_fixtures(tmp_path, monkeypatch):
+  results_dir = tmp_path / 'results'
+  shutil.copytree(FIXTURE, results_dir)
+  figures = _captured_figures(monkeypatch)
+  text = open(phase4.run(str(results_dir)), encoding='utf-8').read()
+
+  phase1 = text.split('## phase1')[1].split('## phase2')[0]
+  assert '| n | n_skipped | accuracy | ci_low | ci_high |' in phase1
+  assert '| streamingllm | passkey | 2000 | 256 | 2 | 0 | 0.5 | 0.09453 | 0.9055 |' in phase1
+  assert '| streamingllm | passkey | 5000 | 256 | 2 | 0 | 0 | 0 | 0.6576 |' in phase1
+  assert 'Wilson score interval' in phase1
+  # Accuracy vs length: one panel (passkey), one error-bar series per method, full first.
+  (ax,) = figures['phase1_accuracy_vs_length.png'].axes
+  bars = _errorbars(ax)
+  assert list(bars) == ['full', 'h2o', 'streamingllm', 'headaware']
+  streaming = bars['streamingllm']
+  assert streaming.lines[0].get_xdata().tolist() == [2000, 5000]
+  assert streaming.lines[0].get_ydata().tolist() == [0.5, 0.0]
+  expected = [stats.wilson_interval(1, 2), stats.wilson_interval(0, 2)]
+  _assert_bounds(streaming, expected)
+  _assert_bounds(bars['full'], [stats.wilson_interval(2, 2)] * 2)
+  # Budget sweep (phase 2): the 0.5 scores of two samples are k = 1 of n = 2.
+  (ax,) = figures['phase2_accuracy_vs_budget.png'].axes
+  _assert_bounds(_errorbars(ax)['headaware'],
+                 [stats.wilson_interval(1, 2)] * 2 + [stats.wilson_interval(2, 2)])
+  # Ablation bars: horizontal, with x error bars.
+  (ax,) = figures['phase3_accuracy_vs_method.png'].axes
+  (bar_errors,) = _errorbars(ax).values()
+  labels = [t.get_text() for t in ax.get_yticklabels()]
+  assert labels == ['uniform (n=2)', 'headaware (n=2)', 'shuffled_profile (n=2)',
+                    'roles_only (n=2)']  # the records' order (no `full` here)
+  half, whole = stats.wilson_interval(1.5, 2), stats.wilson_interval(2, 2)
+  _assert_bounds(bar_errors, [half, whole, half, half], axis=0)
+  # Memory plots have no error bars.
+  assert not any(_errorbars(a) for a in figures['phase1_peak_rss_bytes_vs_length.png'].axes)
+
+
+def _phase3_records():
+  """Ablation records written in cell order, `full` in the middle, long labels."""
+  labels = ('headaware', 'headaware[uniform]', 'full', 'headaware[pool_fraction=0.5]',
+            'headaware[score=retrieval]')
+  return [{'phase': 'phase3', 'method': label, 'task': 'passkey', 'length': 2000,
+           'budget': 0 if label == 'full' else 128, 'sample': s, 'status': 'ok',
+           'accuracy': float(s < k)}
+          for k, label in enumerate(labels) for s in range(4)]
+
+
+def test_phase3_bars_put_full_first_and_keep_the_cell_order():
+  records = _phase3_records()
+  assert report.method_order(r['method'] for r in records) == [
+      'full', 'headaware', 'headaware[uniform]', 'headaware[pool_fraction=0.5]',
+      'headaware[score=retrieval]']
+  plot = next(p for p in report.PLOTS if p.phase == 'phase3')
+  (ax,) = report.plot_figure(plot, report._ok_frame(records)).axes
+  labels = [t.get_text() for t in ax.get_yticklabels()]  # horizontal bars: no overlap
+  assert labels == ['full (n=4)', 'headaware (n=4)', 'headaware[uniform] (n=4)',
+                    'headaware[pool_fraction=0.5] (n=4)', 'headaware[score=retrieval] (n=4)']
+  assert ax.yaxis_inverted()  # the first label on top
+  (bars,) = [c for c in ax.containers if isinstance(c, containers.BarContainer)]
+  assert [p.get_width() for p in bars.patches] == [0.5, 0.0, 0.25, 0.75, 1.0]
+  _assert_bounds(bars.errorbar, [stats.wilson_interval(k, 4) for k in (2, 0, 1, 3, 4)],
+                 axis=0)
+
+
+def test_cache_bytes_plots_keep_decode_and_perplexity_records_apart():
+  rows = []
+  for method, decode, streamed in (('full', 9e6, 9e6), ('h2o', 1e6, 3e6)):
+    for sample in range(2):
+      rows.append({'method': method, 'task': 'passkey', 'length': 2000, 'sample': sample,
+                   'accuracy': 1.0, 'cache_bytes': decode, 'prefill_cache_bytes': streamed})
+      rows.append({'method': method, 'task': 'perplexity', 'length': 2000, 'sample': sample,
+                   'perplexity': 8.0, 'cache_bytes': streamed})
+  plot = report.PLOTS[0]
+  assert (plot.phase, plot.y, plot.by_task) == ('phase1', 'cache_bytes', True)
+  decode_ax, stream_ax = report.plot_figure(plot, report._ok_frame(rows)).axes
+  assert decode_ax.get_title().splitlines() == ['passkey', report.CACHE_BYTES_HELD['generation']]
+  assert stream_ax.get_title().splitlines() == ['perplexity',
+                                               report.CACHE_BYTES_HELD['perplexity']]
+  assert [line.get_ydata().tolist() for line in decode_ax.get_lines()] == [[9e6], [1e6]]
+  assert [line.get_ydata().tolist() for line in stream_ax.get_lines()] == [[9e6], [3e6]]
+  assert not _errorbars(decode_ax)
+
+
+def test_phase5_pareto_points_carry_error_bars(tmp_path):
+  plot = next(p for p in report.PLOTS if p.kind == 'pareto' and p.x == 'cache_bytes')
+  (ax,) = report.plot_figure(plot, report._ok_frame(_phase5_records())).axes
+  bars = [c for c in ax.containers if isinstance(c, containers.ErrorbarContainer)]
+  assert len(bars) == 6  # one per (method, budget) cell
+  # full[kv_bits=16]: accuracies 1.0 and 0.9 over 2 samples -> k = 1.9 of n = 2.
+  first = [b for b in bars if b.lines[0].get_xdata().tolist() == [4e6 + 0.5]]
+  _assert_bounds(first[0], [stats.wilson_interval(1.9, 2)])

@@ -26,10 +26,14 @@ def shipped_model_ids() -> tuple[str, ...]:
 
 
 def shipped_profile(model_id: str) -> pathlib.Path:
-  """The path of the shipped profile of ``model_id`` (an alias such as 'smollm2-135m')."""
+  """The path of the shipped profile of ``model_id`` (an alias such as 'smollm2-135m').
+
+  Raises:
+    ProfileNotFoundError (a FileNotFoundError): no profile is shipped for ``model_id``.
+  """
   path = PROFILES_DIR / f'{model_id}.json'
   if not model_id or '/' in model_id or '\\' in model_id or not path.is_file():
-    raise FileNotFoundError(
+    raise profile_lib.ProfileNotFoundError(
         f'no shipped head profile for model {model_id!r}; shipped: '
         f'{list(shipped_model_ids())}. Measure one with `python -m experiments.profile_heads '
         f'--model={model_id} --output=<path>.json`.')
@@ -40,6 +44,6 @@ def load_shipped_profile(model_id: str) -> profile_lib.HeadProfile:
   """Loads the shipped profile of ``model_id`` and checks it is that model's."""
   profile = profile_lib.HeadProfile.load(shipped_profile(model_id))
   if profile.model_id != model_id:
-    raise ValueError(f'shipped profile {shipped_profile(model_id)} is for model '
-                     f'{profile.model_id!r}, not {model_id!r}.')
+    raise profile_lib.ProfileError(f'shipped profile {shipped_profile(model_id)} is for model '
+                                   f'{profile.model_id!r}, not {model_id!r}.')
   return profile

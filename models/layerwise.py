@@ -1,0 +1,76 @@
+"""Prefill one decoder layer per compiled program, so layers of the same shapes compile once.
+
+One jitted program over the whole model unrolls every layer, and XLA compiles each copy: at
+2,048 tokens the 30 layers of SmolLM2 took 25 s to compile against 6 s to run. A prefill
+chunk is long enough that dispatching one program per layer costs nothing measurable, so
+:class:`LayerwiseForward` runs ``embed -> layer 0 .. L-1 -> norm + head`` as separate
+programs: every layer whose parameters and cache view have the same shapes reuses one
+executable (all layers of the dense cache; the layers of a paged cache with equal budgets and
+bits). Decoding (one token per step) stays one program: there the dispatches would cost, and
+an unrolled step compiles fast.
+
+A cache takes part if it can hand out one layer as a cache of its own::
+
+    view = cache.layer_view(i)          # a one-layer cache: ``attend(0, ...)`` on layer i
+    cache = cache.with_layer_view(i, view)   # puts the updated layer back
+
+``cache=None`` (plain causal attention) works too.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+import jax.numpy as jnp
+
+from headkv_jax.jit import jit
+
+
+def supports(cache) -> bool:
+  """Whether ``cache`` can be driven layer by layer (``None`` or a cache with layer views)."""
+  return cache is None or (hasattr(cache, "layer_view")
+                            and hasattr(cache, "with_layer_view"))
+
+
+class LayerwiseForward:
+  """``model(tokens, positions, cache)`` as one compiled program per distinct layer shape."""
+
+  def __init__(self, model, graphdef, params):
+    self.config = model.config
+    self.num_layers = len(model.layers)
+    self._graphdef = graphdef
+    self._params = params
+    self._layer_params = [params["layers"][i] for i in range(self.num_layers)]
+    layer_graphdef = nnx.graphdef(model.layers[0])
+    config = self.config
+
+    @jit
+    def embed(params, tokens):
+      return nnx.merge(graphdef, params).embed(tokens)
+
+    @jit(donate_argnames=("x", "cache"))
+    def layer(layer_params, x, positions, cache):
+      block = nnx.merge(layer_graphdef, layer_params)
+      return block(x, positions, config.make_rope(), 0, cache)
+
+    @jit(static_argnames=("last_only",))
+    def head(params, x, positions, last_only):
+      model = nnx.merge(graphdef, params)
+      return model.head(model.norm(x), positions, last_only=last_only)
+
+    self._embed, self._layer, self._head = embed, layer, head
+
+  def __call__(self, tokens, positions, cache, *, last_only: bool = False):
+    """Same contract as the model call; ``cache`` is donated layer by layer."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    positions = jnp.asarray(positions, jnp.int32)
+    x = self._embed(self._params, tokens)  # [B, T, H]
+    for i in range(self.num_layers):
+      if cache is None:
+        x, _ = self._layer(self._layer_params[i], x, positions, None)
+      else:
+        x, view = self._layer(self._layer_params[i], x, positions, cache.layer_view(i))
+        cache = cache.with_layer_view(i, view)
+    return self._head(self._params, x, positions, last_only), cache
+
+
+__all__ = ["LayerwiseForward", "supports"]

@@ -270,6 +270,18 @@ def _spec_text(spec: methods.MethodSpec) -> str:
   return ' '.join([spec.name, f'budget={spec.budget}', *changed])
 
 
+def _all_done(phase: str, cells, settings: Settings) -> bool:
+  """Whether `phase`'s results already hold every sample of `cells` (a resumed, finished run)."""
+  path = os.path.join(settings.output_dir, phase, 'results.jsonl')
+  if settings.overwrite or not os.path.isfile(path):
+    return False
+  try:
+    done = {tuple(r.get(k) for k in results.KEY_FIELDS) for r in results.read_results(path)}
+  except ValueError:  # a damaged file: the writer repairs or refuses it, with the model checked
+    return False
+  return all(c.key(i) in done for c in cells for i in range(settings.num_samples))
+
+
 def check_model(settings: Settings) -> None:
   """UsageError before any work when `settings.model` cannot be loaded.
 
@@ -418,8 +430,8 @@ def run_grid(phase: str, cells: Sequence[Cell], settings: Settings, *, runner=No
   if len(by_key) != len(cells):
     raise ValueError('Cells must be unique per (method, task, length, budget). Got '
                      f'{[c.key(0)[:4] for c in cells]}.')
-  if runner is None:
-    check_model(settings)
+  if runner is None and not _all_done(phase, cells, settings):
+    check_model(settings)  # before the profile: its warning would hide the error
   profile, png = load_profile(settings)
   profiles = {False: profile,
               True: profile and shuffled_profile(profile, settings.seed)}

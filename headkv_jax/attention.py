@@ -184,6 +184,69 @@ def causal_attention(q, k, v, positions, *, block_size: int = 256, key_block: in
   return tuple(x[:, :, :t * group] for x in acc)
 
 
+def causal_key_sums(q, k, positions, lse_rows, *, block_size: int = 256,
+                    key_block: int = 256):
+  """Attention each key of a causal chunk receives, summed over the chunk's queries.
+
+  The column sums of the causal softmax (H2O's accumulated score), from the row
+  log-sum-exps the attention already computed (``m + log(l)`` of :func:`causal_attention`),
+  so the probabilities are never normalised or stored: one more pass of ``q . k`` over the
+  causal triangle, in the same compiled tile loops.
+
+  Args:
+    q: ``[B, T, Hq, D]`` rotated queries; ``k [B, T, Hkv, D]`` rotated keys.
+    positions: ``[B, T]`` int32 (``-1`` = padding, contributes nothing).
+    lse_rows: ``[B, Hkv, T * G]`` float32 log-sum-exp of each folded query row's logits.
+
+  Returns:
+    ``[B, Hkv, G, T]`` float32: per query head, the summed probability of each key.
+  """
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  group = hq // hkv
+  block = min(block_size, t)
+  padded = -(-t // block) * block
+  if padded != t:
+    pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+    q, k = jnp.pad(q, pad), jnp.pad(k, pad)
+    positions = jnp.pad(positions, ((0, 0), (0, padded - t)), constant_values=-1)
+    lse_rows = jnp.pad(lse_rows, ((0, 0), (0, 0), (0, (padded - t) * group)))
+  q_rows = fold_queries(q * (d**-0.5), hkv)  # [B, Hkv, padded * G, D]
+  kt = k.transpose(0, 2, 1, 3)  # [B, Hkv, padded, D]
+  q_pos_rows = jnp.repeat(positions, group, axis=1)  # [B, padded * G]
+  rows = block * group
+  tile = min(key_block, padded)
+
+  def query_block(i, sums):
+    qb = jax.lax.dynamic_slice_in_dim(q_rows, i * rows, rows, axis=2)  # [B, Hkv, rows, D]
+    qp = jax.lax.dynamic_slice_in_dim(q_pos_rows, i * rows, rows, axis=1)[:, None, :, None]
+    lse = jax.lax.dynamic_slice_in_dim(lse_rows, i * rows, rows, axis=2)[..., None]
+
+    def key_tile(j, sums):
+      start = jnp.minimum(j * tile, padded - tile)
+      kb = jax.lax.dynamic_slice_in_dim(kt, start, tile, axis=2)  # [B, Hkv, tile, D]
+      kp = jax.lax.dynamic_slice_in_dim(positions, start, tile, axis=1)[:, None, None, :]
+      fresh = (start + jnp.arange(tile) >= j * tile)[None, None, None, :]
+      mask = fresh & (kp >= 0) & (kp <= qp) & (qp >= 0)  # [B, 1, rows, tile]
+      logits = jnp.einsum("bhrd,bhsd->bhrs", qb, kb, preferred_element_type=jnp.float32)
+      p = jnp.where(mask, jnp.exp(logits - lse), 0.0)  # [B, Hkv, rows, tile]
+      part = p.reshape(b, hkv, block, group, tile).sum(axis=2)  # [B, Hkv, G, tile]
+      old = jax.lax.dynamic_slice_in_dim(sums, start, tile, axis=3)
+      return jax.lax.dynamic_update_slice_in_dim(sums, old + part, start, axis=3)
+
+    tiles = ((i + 1) * block + tile - 1) // tile
+    return jax.lax.fori_loop(0, tiles, key_tile, sums)
+
+  sums = jnp.zeros((b, hkv, group, padded), jnp.float32)
+  sums = jax.lax.fori_loop(0, padded // block, query_block, sums)
+  return sums[..., :t]
+
+
+def row_lse(m, l):
+  """Row log-sum-exp ``m + log(l)`` of an ``(o, m, l)`` partial (``+inf`` where no key)."""
+  return jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
+
+
 def self_attention(q, k, v, positions, rope, *, block_size: int = 256):
   """Plain causal attention without a cache: pre-RoPE ``q, k, v`` -> ``[B, T, Hq, D]``."""
   q = rope.apply(q, positions)
@@ -202,5 +265,7 @@ __all__ = [
     "empty_partial",
     "tiled_attention",
     "causal_attention",
+    "causal_key_sums",
+    "row_lse",
     "self_attention",
 ]

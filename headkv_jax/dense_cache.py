@@ -82,18 +82,23 @@ class DenseKVCache:
 
   def attend(self, layer: int, q, k, v, positions, rope):
     """Appends the new tokens and attends over the cache; needs ``length + T <= capacity``."""
+    out, _, cache = self.attend_with_lse(layer, q, k, v, positions, rope)
+    return out, cache
+
+  def attend_with_lse(self, layer: int, q, k, v, positions, rope):
+    """:meth:`attend`, plus each folded query row's log-sum-exp ``[B, Hkv, T * G]``."""
     cache = self.layers[layer]
     t = q.shape[1]
     q = rope.apply(q, positions)
     k = rope.apply(k, positions)
     # Attention reads the cache as it was (plus the new tokens among themselves); the write
     # only feeds the returned cache, so XLA updates the donated buffers in place.
-    out = self._attend_chunk(cache, q, k, v, positions, skip_if_empty=t > 1)
+    out, lse = self._attend_chunk(cache, q, k, v, positions, skip_if_empty=t > 1)
     # The barrier orders the write after the read, which lets XLA skip defensive copies.
-    out, cache = jax.lax.optimization_barrier((out, cache))
+    out, lse, cache = jax.lax.optimization_barrier((out, lse, cache))
     new = self._append(cache, k, v, positions)
     layers = self.layers[:layer] + (new,) + self.layers[layer + 1:]
-    return out, self.replace(layers=layers)
+    return out, lse, self.replace(layers=layers)
 
   @staticmethod
   def _append(cache: DenseLayerCache, k, v, positions) -> DenseLayerCache:
@@ -132,5 +137,6 @@ class DenseKVCache:
     old = attention.tiled_attention(q_rows, q_pos_rows, cache.k, cache.v, cache.positions,
                                     tile=tile, num_tiles=num_tiles)
     new = attention.causal_attention(q, k, v, positions)
-    o, _, l = attention.merge_partials([new, old])
-    return attention.unfold_outputs(attention.normalize(o, l), t).astype(v.dtype)
+    o, m, l = attention.merge_partials([new, old])
+    out = attention.unfold_outputs(attention.normalize(o, l), t).astype(v.dtype)
+    return out, attention.row_lse(m, l)

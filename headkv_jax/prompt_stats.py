@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from headkv_jax import attention
 from headkv_jax import cache_attention
 from headkv_jax import policies as policies_lib
 from headkv_jax.dense_cache import DenseKVCache
@@ -41,7 +42,8 @@ from headkv_jax.paged_cache import PagedKVCache
 QUERY_BLOCK = 256  # queries per block when summing attention (bounds the logits' memory)
 
 
-def attention_stats(q, k, positions, window: int, query_block: int = QUERY_BLOCK):
+def attention_stats(q, k, positions, window: int, lse_rows=None,
+                    query_block: int = QUERY_BLOCK):
   """Per-key attention statistics of one causal prompt.
 
   Args:
@@ -49,7 +51,9 @@ def attention_stats(q, k, positions, window: int, query_block: int = QUERY_BLOCK
     k: ``[B, T, Hkv, D]`` keys rotated at their positions.
     positions: ``[B, T]`` int32, ``-1`` for padding (a row's real tokens form a prefix).
     window: ``W``, how many of each row's last real queries to keep separately.
-    query_block: queries per block of the accumulated sum.
+    lse_rows: ``[B, Hkv, T * G]`` the row log-sum-exps of the prompt's own attention (what
+      the dense cache's attention returns), or None to compute them here.
+    query_block: queries per block of the tiled loops.
 
   Returns:
     ``accumulated [B, Hkv, G, T]`` and ``window [B, Hkv, G, W, T]`` float32 probabilities
@@ -59,39 +63,28 @@ def attention_stats(q, k, positions, window: int, query_block: int = QUERY_BLOCK
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   g = hq // hkv
+  if lse_rows is None:
+    _, m, l = attention.causal_attention(q, k, k, positions, block_size=query_block)
+    lse_rows = attention.row_lse(m, l)
+  # Accumulated: column sums of the causal softmax, from the row log-sum-exps.
+  accumulated = attention.causal_key_sums(q, k, positions, lse_rows, block_size=query_block,
+                                          key_block=query_block)
+
+  # Window: the last W real queries of each row, oldest first, against every key.
   qg = (q.astype(jnp.float32) * d**-0.5).reshape(b, t, hkv, g, d)
   qg = qg.transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
   kt = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
-
-  def probs(q_blk, q_pos):  # [B, Hkv, G, Tb, D], [B, Tb] -> [B, Hkv, G, Tb, T]
-    kp = positions[:, None, None, None, :]
-    qp = q_pos[:, None, None, :, None]
-    mask = (kp >= 0) & (kp <= qp) & (qp >= 0)
-    logits = jnp.einsum("bhgtd,bhsd->bhgts", q_blk, kt, preferred_element_type=jnp.float32)
-    return cache_attention.masked_softmax(logits, mask)
-
-  # Accumulated: blocks of queries (padded with position -1, which contribute nothing).
-  nb = -(-t // query_block)
-  pad = nb * query_block - t
-  q_pad = jnp.pad(qg, ((0, 0),) * 3 + ((0, pad), (0, 0)))
-  pos_pad = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
-  q_blocks = q_pad.reshape(b, hkv, g, nb, query_block, d).transpose(3, 0, 1, 2, 4, 5)
-  pos_blocks = pos_pad.reshape(b, nb, query_block).transpose(1, 0, 2)
-
-  def add_block(total, blk):
-    return total + jnp.sum(probs(*blk), axis=3), None
-
-  accumulated, _ = jax.lax.scan(add_block, jnp.zeros((b, hkv, g, t), jnp.float32),
-                                (q_blocks, pos_blocks))
-
-  # Window: the last W real queries of each row, oldest first.
   n_real = jnp.sum(positions >= 0, axis=1)  # [B]
   idx = n_real[:, None] - window + jnp.arange(window)  # [B, W]
   ok = idx >= 0
   safe = jnp.clip(idx, 0, t - 1)
   q_win = jnp.take_along_axis(qg, safe[:, None, None, :, None], axis=3)  # [B, Hkv, G, W, D]
   pos_win = jnp.where(ok, jnp.take_along_axis(positions, safe, axis=1), -1)  # [B, W]
-  return accumulated, probs(q_win, pos_win)
+  kp = positions[:, None, None, None, :]
+  qp = pos_win[:, None, None, :, None]
+  mask = (kp >= 0) & (kp <= qp) & (qp >= 0)
+  logits = jnp.einsum("bhgtd,bhsd->bhgts", q_win, kt, preferred_element_type=jnp.float32)
+  return accumulated, cache_attention.masked_softmax(logits, mask)
 
 
 def slot_scores(policy: policies_lib.Policy, accumulated, window_probs):
@@ -166,9 +159,9 @@ class RecordingCache:
 
   def attend(self, layer: int, q, k, v, positions, rope):
     """The dense cache's attention, plus this call's statistics for ``layer``."""
-    out, dense = self.dense.attend(layer, q, k, v, positions, rope)
+    out, lse_rows, dense = self.dense.attend_with_lse(layer, q, k, v, positions, rope)
     acc, win = attention_stats(rope.apply(q, positions), rope.apply(k, positions), positions,
-                               self.window)
+                               self.window, lse_rows)
 
     def put(seq, x):
       return seq[:layer] + (x,) + seq[layer + 1:]

@@ -119,10 +119,21 @@ def generate_from(runner: ModelRunner, shared: SharedPrefill, spec: methods_lib.
       spec, cfg.num_layers, cfg.num_kv_heads, profile=profile,
       max_len=generation.budget_cap(int(shared.lengths.max()), shared.max_new_tokens))
   bits = methods_lib.method_bits(spec, budgets, profile=profile)
-  cache = jax.block_until_ready(_compress(shared.recorded, _static(budgets), spec.policy(),
-                                          _static(bits["bits"]), bits["residual"]))
+  cache = jax.block_until_ready(compress_recorded(shared.recorded, spec, budgets, bits))
   return run(cache=cache, prefill_s=shared.prefill_s + time.perf_counter() - t0,
              after_decode_step=generation.evict_while_decoding)
+
+
+def compress_recorded(recorded: prompt_stats.RecordingCache, spec: methods_lib.MethodSpec,
+                      budgets, bits: dict):
+  """The paged cache ``spec`` keeps of a recorded one-shot prefill, ready for decoding.
+
+  ``budgets [layers, Hkv]`` and ``bits`` (``methods.method_bits``) as resolved for ``spec``;
+  one compiled program per (budgets, policy, bits, shapes).
+  """
+  prompt_stats.check_one_shot(recorded)
+  return _compress(recorded, _static(budgets), spec.policy(), _static(bits["bits"]),
+                   bits["residual"])
 
 
 def _static(array) -> tuple:
@@ -171,5 +182,5 @@ def generate_shared(
   return results, shared.prefill_s
 
 
-__all__ = ["supports", "check_supported", "record_window", "SharedPrefill", "prefill", "generate_from",
-           "generate_shared"]
+__all__ = ["supports", "check_supported", "record_window", "SharedPrefill", "prefill",
+           "compress_recorded", "generate_from", "generate_shared"]

@@ -48,17 +48,22 @@ SPECS = [methods.MethodSpec("full"), methods.MethodSpec("snapkv", 40),
 
 def test_shared_prefill_matches_each_method_alone(runner, profile):
   """Per method: same generated tokens and the same kept positions per (layer, row, head) as
-  a one-shot prefill through that method's own cache (ragged batch of two prompts)."""
+  a one-shot prefill through that method's own paged cache (one prefill chunk that holds the
+  whole prompt; ``chunk_size=None`` itself now takes the shared path), ragged batch of two."""
   prompts = _prompts()
   shared, shared_s = generate_shared(runner, prompts, NEW, SPECS, profiles=profile,
                                      eos_ids=[])
   assert shared_s > 0
   for spec, got in zip(SPECS, shared):
     hooks = method_hooks(spec, CFG, batch=2, prompt_len=max(map(len, prompts)),
-                         max_new_tokens=NEW, chunk_size=None, dtype=np.float32,
+                         max_new_tokens=NEW, chunk_size=256, dtype=np.float32,
                          profile=profile)
     alone = generate(runner, prompts, NEW, eos_ids=[], **hooks)
     assert got.tokens == alone.tokens, spec
+    one_shot = method_hooks(spec, CFG, batch=2, prompt_len=max(map(len, prompts)),
+                            max_new_tokens=NEW, chunk_size=None, dtype=np.float32,
+                            profile=profile)
+    assert generate(runner, prompts, NEW, eos_ids=[], **one_shot).tokens == got.tokens, spec
     if spec.name == "full":
       continue
     for layer in range(CFG.num_layers):

@@ -134,6 +134,27 @@ def tiled_attention(q_rows, q_pos_rows, k, v, k_pos, *, tile: int, num_tiles, in
   return jax.lax.fori_loop(0, num_tiles, step, init)
 
 
+def _blocked_chunk(q, k, v, positions, block_size: int):
+  """A chunk padded to whole query blocks (position ``-1``) and folded for the tile loops.
+
+  Returns ``(block, padded, arrays, positions [B, padded], q_pos_rows [B, padded * G])`` with
+  ``arrays = (q_rows [B, Hkv, padded * G, D] scaled by 1/sqrt(D), k [B, Hkv, padded, D]``
+  and, when ``v`` is given, ``v [B, Hkv, padded, D])``.
+  """
+  t, d = q.shape[1], q.shape[3]
+  hkv = k.shape[2]
+  block = min(block_size, t)
+  padded = -(-t // block) * block
+  kv = (k,) if v is None else (k, v)
+  if padded != t:
+    pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+    q, kv = jnp.pad(q, pad), tuple(jnp.pad(x, pad) for x in kv)
+    positions = jnp.pad(positions, ((0, 0), (0, padded - t)), constant_values=-1)
+  arrays = (fold_queries(q * (d**-0.5), hkv),) + tuple(x.transpose(0, 2, 1, 3) for x in kv)
+  q_pos_rows = jnp.repeat(positions, q.shape[2] // hkv, axis=1)
+  return block, padded, arrays, positions, q_pos_rows
+
+
 def causal_attention(q, k, v, positions, *, block_size: int = 256, key_block: int = 256):
   """Causal self-attention of a chunk over itself, tiled flash-style in compiled loops.
 
@@ -155,16 +176,8 @@ def causal_attention(q, k, v, positions, *, block_size: int = 256, key_block: in
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   group = hq // hkv
-  block = min(block_size, t)
-  padded = -(-t // block) * block
-  if padded != t:
-    pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
-    q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
-    positions = jnp.pad(positions, ((0, 0), (0, padded - t)), constant_values=-1)
-  q_rows = fold_queries(q * (d**-0.5), hkv)  # [B, Hkv, padded * G, D]
-  kt = k.transpose(0, 2, 1, 3)  # [B, Hkv, padded, D]
-  vt = v.transpose(0, 2, 1, 3)
-  q_pos_rows = jnp.repeat(positions, group, axis=1)  # [B, padded * G]
+  block, padded, (q_rows, kt, vt), positions, q_pos_rows = _blocked_chunk(
+      q, k, v, positions, block_size)
   rows = block * group
   key_tile = min(key_block, padded)
 
@@ -204,16 +217,9 @@ def causal_key_sums(q, k, positions, lse_rows, *, block_size: int = 256,
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   group = hq // hkv
-  block = min(block_size, t)
-  padded = -(-t // block) * block
-  if padded != t:
-    pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
-    q, k = jnp.pad(q, pad), jnp.pad(k, pad)
-    positions = jnp.pad(positions, ((0, 0), (0, padded - t)), constant_values=-1)
-    lse_rows = jnp.pad(lse_rows, ((0, 0), (0, 0), (0, (padded - t) * group)))
-  q_rows = fold_queries(q * (d**-0.5), hkv)  # [B, Hkv, padded * G, D]
-  kt = k.transpose(0, 2, 1, 3)  # [B, Hkv, padded, D]
-  q_pos_rows = jnp.repeat(positions, group, axis=1)  # [B, padded * G]
+  block, padded, (q_rows, kt), positions, q_pos_rows = _blocked_chunk(
+      q, k, None, positions, block_size)
+  lse_rows = jnp.pad(lse_rows, ((0, 0), (0, 0), (0, (padded - t) * group)))
   rows = block * group
   tile = min(key_block, padded)
 

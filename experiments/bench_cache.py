@@ -41,7 +41,6 @@ _STEPS = flags.DEFINE_integer("decode_steps", 32, "Decode steps (the first compi
 _COPY_MB = flags.DEFINE_integer("copy_mb", 512, "Size of the copy-bandwidth probe, MiB.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one method and print JSON.")
 
-                                     'How decode steps of the compressed caches attend: auto (the fused Pallas kernel on a GPU, XLA elsewhere), pallas (the kernel; interpret mode off a GPU, slow) or xla (dequantize-then-attend).')
 
 def parse_method(label: str) -> tuple[str, str]:
   """``'headaware[kv_bits=roles]'`` -> ``('headaware', 'roles')``; a bare name takes --kv_bits."""

@@ -49,7 +49,6 @@ _ALLOW_LONG = flags.DEFINE_bool(
     "allow_long_context", False, "Allow prompts past the model's max_position_embeddings.")
 
 
-
 def read_prompts() -> list[str]:
   prompts = list(_PROMPT.value or [])
   if _PROMPT_FILE.value:

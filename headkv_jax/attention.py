@@ -1,7 +1,7 @@
 """Attention primitives in plain jnp: GQA with query-group folding, position masks, LSE merge.
 
-Every attention in the library reduces to :func:`partial_attention` over a set of keys and
-:func:`merge_partials` across sets. Masks come from *positions*, not slot indices: key ``s`` is
+Every attention in the library reduces to :func:`tiled_attention` (an online softmax over key
+tiles, returning ``(o, m, l)``) over a set of keys and :func:`merge_partials` across sets. Masks come from *positions*, not slot indices: key ``s`` is
 visible to query ``t`` iff ``0 <= key_pos[s] <= query_pos[t]`` (``-1`` marks an empty slot or a
 padding token). Query heads of one GQA group are folded into the rows of their KV head
 (``[B, Hkv, T * group, D]``) so K/V are read once per KV head, never repeated.
@@ -29,30 +29,6 @@ def unfold_outputs(out: jnp.ndarray, num_tokens: int) -> jnp.ndarray:
   group = rows // num_tokens
   out = out.reshape(b, hkv, num_tokens, group, d).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, num_tokens, hkv * group, d)
-
-
-def partial_attention(q_rows, k, v, mask):
-  """Unnormalised softmax attention over one key set.
-
-  Args:
-    q_rows: ``[B, Hkv, R, D]`` folded queries (already scaled by ``1/sqrt(D)``).
-    k, v: ``[B, Hkv, S, D]``.
-    mask: bool, broadcastable to ``[B, Hkv, R, S]``.
-
-  Returns:
-    ``(o [B, Hkv, R, D] float32, m [B, Hkv, R], l [B, Hkv, R])``: ``o / l`` is the attention
-    output, ``m`` the row max of the logits, ``l`` the softmax denominator (0 for rows that see
-    no key).
-  """
-  logits = jnp.einsum(
-      "bhrd,bhsd->bhrs", q_rows, k, preferred_element_type=jnp.float32
-  )  # [B, Hkv, R, S]
-  logits = jnp.where(mask, logits, _NEG_INF)
-  m = jnp.max(logits, axis=-1)  # [B, Hkv, R]
-  p = jnp.where(mask, jnp.exp(logits - m[..., None]), 0.0)
-  l = jnp.sum(p, axis=-1)
-  o = jnp.einsum("bhrs,bhsd->bhrd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return o, m, l
 
 
 def merge_partials(parts):
@@ -104,7 +80,9 @@ def tiled_attention(q_rows, q_pos_rows, k, v, k_pos, *, tile: int, num_tiles, in
     init: ``(o, m, l)`` to continue from (default :func:`empty_partial`).
 
   Returns:
-    ``(o, m, l)`` as :func:`partial_attention`.
+    ``(o [B, Hkv, R, D] float32, m [B, Hkv, R], l [B, Hkv, R])``: ``o / l`` is the attention
+    output, ``m`` the row max of the logits, ``l`` the softmax denominator (0 for rows that see
+    no key).
   """
   b, hkv, rows, d = q_rows.shape
   num_keys = k.shape[2]
@@ -171,7 +149,7 @@ def causal_attention(q, k, v, positions, *, block_size: int = 256, key_block: in
     positions: ``[B, T]`` int32, increasing along real tokens, ``-1`` for padding.
 
   Returns:
-    ``(o, m, l)`` with ``o [B, Hkv, T * G, D]`` (see :func:`partial_attention`).
+    ``(o, m, l)`` with ``o [B, Hkv, T * G, D]`` (see :func:`tiled_attention`).
   """
   b, t, hq, d = q.shape
   hkv = k.shape[2]
@@ -264,7 +242,6 @@ def self_attention(q, k, v, positions, rope, *, block_size: int = 256):
 __all__ = [
     "fold_queries",
     "unfold_outputs",
-    "partial_attention",
     "merge_partials",
     "normalize",
     "position_mask",

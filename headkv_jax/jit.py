@@ -38,8 +38,9 @@ class _LazyJit:
 
   @functools.cached_property
   def _jitted(self):
-    options = {**compiler_options(), **self._kwargs.pop("compiler_options", {})}
-    return jax.jit(self._fun, compiler_options=options or None, **self._kwargs)
+    kwargs = dict(self._kwargs)
+    options = {**compiler_options(), **kwargs.pop("compiler_options", {})}
+    return jax.jit(self._fun, compiler_options=options or None, **kwargs)
 
   @functools.cached_property
   def _nested(self):

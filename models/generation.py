@@ -413,23 +413,16 @@ def _one_shot_hooks(spec, config, *, dtype, profile, max_len) -> dict:
   that way, against ~5 s for the dense prefill). The oracle and cache-relative positions keep
   the paged path (returns ``{}``).
   """
-  from headkv_jax import methods, prompt_stats
   from models import shared_prefill
 
   if not shared_prefill.supports(spec):
     return {}
-  window = shared_prefill.record_window([spec])
-  budgets = methods.paged_budgets(spec, config.num_layers, config.num_kv_heads,
-                                  max_len=max_len, profile=profile)
-  bits = methods.method_bits(spec, budgets, profile=profile)
-
-  def make_cache(b, capacity):
-    dense = _dense_cache(config.num_layers, config.num_kv_heads, config.head_dim, dtype, b,
-                         capacity)
-    return prompt_stats.RecordingCache.create(dense, window)
+  make_cache = shared_prefill.recording_cache_maker(config, dtype,
+                                                    shared_prefill.record_window([spec]))
 
   def compress(recorded):
-    return shared_prefill.compress_recorded(recorded, spec, budgets, bits)
+    return shared_prefill.compress_recorded(recorded, spec, config, max_len=max_len,
+                                            profile=profile)
 
   return dict(make_cache=make_cache, after_prefill_chunk=None, after_prefill=compress)
 

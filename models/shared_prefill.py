@@ -80,13 +80,7 @@ class SharedPrefill:
 def prefill(runner: ModelRunner, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
             window: int, allow_long_context: bool = False) -> SharedPrefill:
   """Prefills ``prompts`` once (one call) recording the last ``window`` queries' attention."""
-  cfg = runner.config
-
-  def make_cache(batch, capacity):
-    dense = generation._dense_cache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                    runner.model.dtype, batch, capacity)
-    return prompt_stats.RecordingCache.create(dense, window)
-
+  make_cache = recording_cache_maker(runner.config, runner.model.dtype, window)
   done = generation.prefill(runner, prompts, max_new_tokens, make_cache=make_cache,
                             allow_long_context=allow_long_context)
   prompt_stats.check_one_shot(done.cache)
@@ -115,23 +109,37 @@ def generate_from(runner: ModelRunner, shared: SharedPrefill, spec: methods_lib.
   if spec.name == "full" and spec.bit_scheme.is_full_precision:
     cache = jax.block_until_ready(jax.tree_util.tree_map(jnp.copy, shared.recorded.dense))
     return run(cache=cache, prefill_s=shared.prefill_s + time.perf_counter() - t0)
-  budgets = methods_lib.paged_budgets(
-      spec, cfg.num_layers, cfg.num_kv_heads, profile=profile,
-      max_len=generation.budget_cap(int(shared.lengths.max()), shared.max_new_tokens))
-  bits = methods_lib.method_bits(spec, budgets, profile=profile)
-  cache = jax.block_until_ready(compress_recorded(shared.recorded, spec, budgets, bits))
+  max_len = generation.budget_cap(int(shared.lengths.max()), shared.max_new_tokens)
+  cache = jax.block_until_ready(compress_recorded(shared.recorded, spec, cfg, max_len=max_len,
+                                                  profile=profile))
   return run(cache=cache, prefill_s=shared.prefill_s + time.perf_counter() - t0,
              after_decode_step=generation.evict_while_decoding)
 
 
+def recording_cache_maker(config, dtype, window: int):
+  """``make_cache(batch, capacity)`` for ``generation.prefill``: a dense cache that records
+  the statistics of the last ``window`` queries (``prompt_stats.RecordingCache``)."""
+
+  def make_cache(batch, capacity):
+    dense = generation._dense_cache(config.num_layers, config.num_kv_heads, config.head_dim,
+                                    dtype, batch, capacity)
+    return prompt_stats.RecordingCache.create(dense, window)
+
+  return make_cache
+
+
 def compress_recorded(recorded: prompt_stats.RecordingCache, spec: methods_lib.MethodSpec,
-                      budgets, bits: dict):
+                      config, *, max_len: int, profile=None):
   """The paged cache ``spec`` keeps of a recorded one-shot prefill, ready for decoding.
 
-  ``budgets [layers, Hkv]`` and ``bits`` (``methods.method_bits``) as resolved for ``spec``;
-  one compiled program per (budgets, policy, bits, shapes).
+  Budgets (capped at ``max_len``, see ``generation.budget_cap``) and bits are resolved here
+  for ``spec`` on a model of ``config``; one compiled program per (budgets, policy, bits,
+  shapes).
   """
   prompt_stats.check_one_shot(recorded)
+  budgets = methods_lib.paged_budgets(spec, config.num_layers, config.num_kv_heads,
+                                      max_len=max_len, profile=profile)
+  bits = methods_lib.method_bits(spec, budgets, profile=profile)
   return _compress(recorded, _static(budgets), spec.policy(), _static(bits["bits"]),
                    bits["residual"])
 
@@ -183,4 +191,4 @@ def generate_shared(
 
 
 __all__ = ["supports", "check_supported", "record_window", "SharedPrefill", "prefill",
-           "compress_recorded", "generate_from", "generate_shared"]
+           "recording_cache_maker", "compress_recorded", "generate_from", "generate_shared"]

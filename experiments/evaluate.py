@@ -19,6 +19,7 @@ from experiments import results
 from headkv_jax import kernel_decode
 from headkv_jax import methods
 from models import generation
+from models import method_driver
 from models import shared_prefill
 from models.runner import ModelRunner
 
@@ -41,18 +42,18 @@ def _cache_metrics(cache) -> dict:
 def evaluate_sample(runner: ModelRunner, tokenizer, sample, spec: methods.MethodSpec, *,
                     chunk_size: int | None, profile=None,
                     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                    hook_overrides: dict | None = None) -> dict:
+                    oracle_scores=None) -> dict:
   """Generates an answer for ``sample`` under ``spec``; returns accuracy, memory and timing.
 
-  ``hook_overrides`` replaces generation hooks (the oracle compresses with its own scores).
+  ``oracle_scores``: the oracle's answer attention (``experiments.phase0.oracle_scores``).
   """
   cfg = runner.config
   prompt = list(sample.prompt_tokens)
-  hooks = generation.method_hooks(
-      spec, cfg, batch=1, prompt_len=len(prompt), max_new_tokens=max_new_tokens,
-      chunk_size=chunk_size, dtype=runner.model.dtype, profile=profile)
-  hooks.update(hook_overrides or {})
-  out = generation.generate(runner, [prompt], max_new_tokens, allow_long_context=True, **hooks)
+  driver = method_driver.MethodDriver.create(
+      spec, cfg, prompt_len=len(prompt), max_new_tokens=max_new_tokens, chunk_size=chunk_size,
+      dtype=runner.model.dtype, profile=profile, oracle_scores=oracle_scores)
+  out = generation.generate(runner, [prompt], max_new_tokens, allow_long_context=True,
+                            **driver.generate_kwargs())
   return _answer_record(runner, tokenizer, sample, out, max_new_tokens)
 
 
@@ -102,17 +103,18 @@ def evaluate_perplexity(runner: ModelRunner, sample, spec: methods.MethodSpec, *
   cfg = runner.config
   tokens = np.asarray(sample.prompt_tokens, np.int32)
   n = len(tokens)
-  cache = methods.make_cache(
-      spec, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-      batch=1, capacity=generation._round_up(n, generation.BUCKET), chunk_size=chunk_size,
-      dtype=runner.model.dtype, max_len=n, profile=profile)
-  compress = None if spec.name == "full" else generation._jit_compress
+  driver = method_driver.MethodDriver.create(
+      spec, cfg, prompt_len=n, max_new_tokens=0, chunk_size=chunk_size,
+      dtype=runner.model.dtype, profile=profile)
+  width = driver.prefill_chunk  # chunk_size, or the bucketed document if that is shorter
+  cache = driver.make_cache(1, generation.bucket(n))
+  compress = driver.after_prefill_chunk
   nll, count = 0.0, 0
   start_t = time.perf_counter()
-  for start in range(0, n - 1, chunk_size):
-    stop = min(start + chunk_size, n - 1)
-    chunk = np.zeros((1, chunk_size), np.int32)
-    pos = np.full((1, chunk_size), -1, np.int32)
+  for start in range(0, n - 1, width):
+    stop = min(start + width, n - 1)
+    chunk = np.zeros((1, width), np.int32)
+    pos = np.full((1, width), -1, np.int32)
     chunk[0, :stop - start] = tokens[start:stop]
     pos[0, :stop - start] = np.arange(start, stop)
     logits, cache = runner.forward(chunk, pos, cache)

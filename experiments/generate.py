@@ -66,7 +66,8 @@ def main(argv):
   del argv
   from headkv_jax import bits
   from headkv_jax import methods
-  from models.generation import generate, method_hooks
+  from models.generation import generate
+  from models.method_driver import MethodDriver
   from models.loading import load_model
   from models.runner import ModelRunner
   from models.sampling import SamplingConfig
@@ -93,9 +94,13 @@ def main(argv):
     else:
       ids = tokenizer.encode(text, add_special_tokens=False)
     prompts.append(list(ids))
-  hooks = method_hooks(spec, model.config, batch=len(prompts),
-                       prompt_len=max(map(len, prompts)), max_new_tokens=_MAX_NEW.value,
-                       chunk_size=_CHUNK.value, dtype=model.dtype, profile=profile)
+  try:
+    driver = MethodDriver.create(spec, model.config, prompt_len=max(map(len, prompts)),
+                                 max_new_tokens=_MAX_NEW.value, chunk_size=_CHUNK.value,
+                                 dtype=model.dtype, profile=profile)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  hooks = driver.generate_kwargs()
   start = time.perf_counter()
   try:
     result = generate(

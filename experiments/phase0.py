@@ -12,7 +12,6 @@ method next to it. Perplexity has no answer, so oracle cells there are recorded 
 Writes `<output_dir>/phase0/{run.json,results.jsonl,summary.csv}`.
 """
 
-import functools
 import time
 
 import jax.numpy as jnp
@@ -22,7 +21,6 @@ from experiments import cli
 from experiments import evaluate
 from experiments import flags as exp_flags
 from experiments import grid
-from headkv_jax.jit import jit
 from models import attention_maps
 from models import generation
 
@@ -63,32 +61,15 @@ def oracle_scores(runner, tokenizer, sample, positions: int) -> tuple[jnp.ndarra
   return tuple(jnp.asarray(layer) for layer in out)
 
 
-@jit(donate_argnums=0)
-def _oracle_compress(cache, scores):
-  return cache.compress(scores)
-
-
-@jit
-def _oracle_rechunk(cache, scores):
-  return cache.rechunk(1, scores)
-
-
 def evaluate_oracle(runner, tokenizer, sample, spec, *, chunk_size, max_new_tokens) -> dict:
   """`evaluate.evaluate_sample` for the oracle policy (same metrics, plus `oracle_s`)."""
   prompt = list(sample.prompt_tokens)
   t0 = time.perf_counter()
-  bucket = generation.BUCKET
-  capacity = -(-(len(prompt) + max_new_tokens) // bucket) * bucket  # generate's cache positions
+  capacity = generation.bucket(generation.bucket(len(prompt)) + max_new_tokens)  # cache positions
   scores = oracle_scores(runner, tokenizer, sample, capacity)
   oracle_s = time.perf_counter() - t0
-  # A partial (not a closure) with array arguments: the compiled decode block takes the
-  # scores as inputs, so every sample reuses one program.
-  compress = functools.partial(_oracle_compress, scores=scores)
-  overrides = dict(after_prefill_chunk=compress,
-                   after_prefill=functools.partial(_oracle_rechunk, scores=scores),
-                   after_decode_step=compress)
   record = evaluate.evaluate_sample(runner, tokenizer, sample, spec, chunk_size=chunk_size,
-                                    max_new_tokens=max_new_tokens, hook_overrides=overrides)
+                                    max_new_tokens=max_new_tokens, oracle_scores=scores)
   return dict(record, oracle_s=oracle_s)
 
 

@@ -21,7 +21,8 @@ from headkv_jax.paged_cache import PagedKVCache
 # Eviction policies.
 from headkv_jax.policies import POLICY_NAMES, Policy, make_policy, pyramid_budgets
 # Methods by name (policy + budget allocation).
-from headkv_jax.methods import METHODS, MethodSpec, make_cache, method_budgets
+from headkv_jax.methods import (METHODS, CachePlan, MethodSpec, make_cache, method_budgets,
+                                plan_cache)
 # Head profiling and budget allocation.
 from headkv_jax.head_scores import Role, assign_roles, reduce_to_kv_heads
 from headkv_jax.profile import HeadProfile, build_profile, plot_heatmaps

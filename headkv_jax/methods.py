@@ -1,11 +1,15 @@
 """Compression methods by name: a method = an eviction policy + how budgets are allocated.
 
 This is the one place that turns what a user types (``--method=headaware --budget=128``)
-into a cache::
+into a cache: :func:`plan_cache` resolves a method's per-head budgets and bits once (a
+hashable :class:`CachePlan`), and the plan creates the cache::
 
     spec = MethodSpec("headaware", budget=128)
-    cache = make_cache(spec, num_layers=30, num_kv_heads=3, head_dim=64, batch=1,
-                       max_len=2024, chunk_size=2048, profile=profile)
+    plan = plan_cache(spec, num_layers=30, num_kv_heads=3, max_len=2112, profile=profile)
+    cache = plan.create(batch=1, head_dim=64, capacity=2112, chunk_size=2048)
+
+(``make_cache`` does both.) ``models.method_driver.MethodDriver`` drives a plan's cache
+through generation: prefill, eviction after each chunk and while decoding.
 
 ``budget`` is the seed plan's "tokens per layer": the *average* number of tokens kept per KV
 head per layer (a layer holds ``budget * kv_heads`` slots in all, however they are split).
@@ -135,45 +139,92 @@ def method_budgets(spec: MethodSpec, num_layers: int, num_kv_heads: int, *,
   return budgets
 
 
-def paged_budgets(spec: MethodSpec, num_layers: int, num_kv_heads: int, *, max_len: int,
-                  profile: HeadProfile | None = None) -> np.ndarray:
-  """Budgets ``[layers, Hkv]`` of ``spec``'s paged cache: :func:`method_budgets`, or, for
-  ``full`` (a paged cache only when quantized), every head keeps all ``max_len`` tokens."""
-  if spec.name == "full":
-    return np.full((num_layers, num_kv_heads), max_len, np.int32)
-  return method_budgets(spec, num_layers, num_kv_heads, max_len=max_len, profile=profile)
+@dataclasses.dataclass(frozen=True)
+class CachePlan:
+  """A method's cache for one model shape and token cap, resolved once.
 
+  ``budgets`` / ``bits`` are decided here and nowhere else (``PagedKVCache.create`` receives
+  them as arrays): a dense cache for 16-bit ``full``, else a paged cache with per-head budgets
+  ``[layers][Hkv]`` and (key bits, value bits) ``[layers][Hkv][2]``. Hashable (nested tuples),
+  so a plan can be a static argument of a compiled function: equal plans share programs.
 
-def method_bits(spec: MethodSpec, budgets: np.ndarray, *,
-                profile: HeadProfile | None = None) -> dict:
-  """``PagedKVCache.create`` keyword arguments of ``spec``'s bit scheme for ``budgets``
-  ``[layers, Hkv]``: ``bits [layers, Hkv, 2]`` and the full-precision ``residual``.
-
-  ``avg:`` targets are weighed by the budgets (an average over stored tokens).
+  Attributes:
+    spec: the method.
+    num_layers, num_kv_heads: the model's shape.
+    budgets: ``[layers][Hkv]`` tokens per head after a compression; None for the dense cache.
+    bits: ``[layers][Hkv][2]`` storage bits per head; None for the dense cache.
+    residual: full-precision recent tokens of a quantized head (None: the cache default).
   """
+
+  spec: MethodSpec
+  num_layers: int
+  num_kv_heads: int
+  budgets: tuple | None = None
+  bits: tuple | None = None
+  residual: int | None = None
+
+  @property
+  def dense(self) -> bool:
+    return self.budgets is None
+
+  def create(self, *, batch: int, head_dim: int, capacity: int, chunk_size: int,
+             dtype=jnp.float32, page_size: int = 16):
+    """An empty cache: dense with room for ``capacity`` tokens, or paged with room for
+    ``chunk_size`` new tokens per call."""
+    if self.dense:
+      return DenseKVCache.create(self.num_layers, batch, self.num_kv_heads, head_dim, capacity,
+                                 dtype)
+    return PagedKVCache.create(self.num_layers, batch, self.num_kv_heads, head_dim,
+                               np.asarray(self.budgets), self.spec.policy(),
+                               chunk_size=chunk_size, dtype=dtype, page_size=page_size,
+                               **self.paged_kwargs())
+
+  def paged_kwargs(self) -> dict:
+    """The bit arguments of ``PagedKVCache.create`` (and ``prompt_stats.compress_prompt``)."""
+    out = dict(bits=np.asarray(self.bits))
+    if self.residual is not None:
+      out["residual"] = self.residual
+    return out
+
+
+def _nested(array) -> tuple:
+  """A nested tuple of ints (hashable) from an int array."""
+  return tuple(map(_nested, array)) if np.ndim(array) else int(array)
+
+
+def plan_cache(spec: MethodSpec, num_layers: int, num_kv_heads: int, *, max_len: int,
+               profile: HeadProfile | None = None) -> CachePlan:
+  """The cache ``spec`` needs on a model of ``num_layers`` x ``num_kv_heads`` KV heads.
+
+  ``max_len`` (prompt + new tokens; a bucket, see ``models.generation.budget_cap``) caps every
+  budget; ``full`` with fewer than 16 bits (KIVI without eviction) is a paged cache whose
+  budgets hold all ``max_len`` tokens. ``avg:`` bit targets are weighed by the budgets (an
+  average over stored tokens).
+  """
+  if spec.name == "full" and spec.bit_scheme.is_full_precision:
+    return CachePlan(spec, num_layers, num_kv_heads)
+  if spec.name == "full":
+    budgets = np.full((num_layers, num_kv_heads), max_len, np.int32)
+  else:
+    budgets = method_budgets(spec, num_layers, num_kv_heads, max_len=max_len, profile=profile)
   scheme = spec.bit_scheme
-  budgets = np.asarray(budgets)
-  bits = bits_lib.allocate_bits(scheme, *budgets.shape, profile=profile, weights=budgets)
-  return dict(bits=bits, residual=scheme.residual)
+  bits = bits_lib.allocate_bits(scheme, num_layers, num_kv_heads, profile=profile,
+                                weights=budgets)
+  return CachePlan(spec, num_layers, num_kv_heads, _nested(budgets), _nested(bits),
+                   scheme.residual)
 
 
 def make_cache(spec: MethodSpec, *, num_layers: int, num_kv_heads: int, head_dim: int,
                batch: int, capacity: int, chunk_size: int, dtype=jnp.float32,
                max_len: int | None = None, profile: HeadProfile | None = None,
                page_size: int = 16):
-  """An empty cache for ``spec``: dense for 16-bit ``full``, paged and budgeted otherwise.
+  """An empty cache for ``spec``: :func:`plan_cache` then :meth:`CachePlan.create`.
 
   ``capacity`` sizes the dense cache (prompt + new tokens); ``chunk_size`` is the most tokens
   one model call adds (the prompt length for one-shot prefill); ``max_len`` (prompt + new
-  tokens) caps the per-head budgets. ``full`` with fewer than 16 bits (KIVI without
-  eviction) is a paged cache whose budgets hold every token (``max_len``, else
-  ``capacity``).
+  tokens, default ``capacity``) caps the per-head budgets.
   """
-  if spec.name == "full" and spec.bit_scheme.is_full_precision:
-    return DenseKVCache.create(num_layers, batch, num_kv_heads, head_dim, capacity, dtype)
-  budgets = paged_budgets(spec, num_layers, num_kv_heads, max_len=max_len or capacity,
-                          profile=profile)
-  return PagedKVCache.create(num_layers, batch, num_kv_heads, head_dim, budgets,
-                             spec.policy(), chunk_size=chunk_size, dtype=dtype,
-                             page_size=page_size,
-                             **method_bits(spec, budgets, profile=profile))
+  plan = plan_cache(spec, num_layers, num_kv_heads, max_len=max_len or capacity,
+                    profile=profile)
+  return plan.create(batch=batch, head_dim=head_dim, capacity=capacity, chunk_size=chunk_size,
+                     dtype=dtype, page_size=page_size)

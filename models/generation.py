@@ -12,7 +12,9 @@ tested against: both give the same tokens).
 
 The cache is pluggable: ``make_cache(batch, capacity)`` returns any object with the cache
 contract (the dense cache by default; a compressed ``headkv_jax`` cache for the policies), and
-the optional hooks ``after_prefill_chunk`` / ``after_decode_step`` let a policy evict.
+the optional hooks ``after_prefill_chunk`` / ``after_prefill`` / ``after_decode_step`` let a
+policy evict. ``models.method_driver.MethodDriver`` provides all of them for a compression
+method (``generate(runner, prompts, n, **driver.generate_kwargs())``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import numpy as np
 from jax import lax
 
 from headkv_jax.dense_cache import DenseKVCache
-from headkv_jax.jit import jit
 from models import sampling as sampling_lib
 from models.runner import ModelRunner
 
@@ -65,13 +66,18 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
+def bucket(n: int) -> int:
+  """``n`` tokens rounded up to a multiple of :data:`BUCKET` (prompts are padded to it)."""
+  return _round_up(n, BUCKET)
+
+
 def budget_cap(prompt_len: int, max_new_tokens: int) -> int:
   """The most tokens a method's budgets need: the prompt's *bucket* plus the new tokens.
 
   From the bucket, not the exact length, so every prompt of one bucket gets the same static
   budgets and pool shapes, and reuses one compiled program per method.
   """
-  return _round_up(prompt_len, BUCKET) + max_new_tokens
+  return bucket(prompt_len) + max_new_tokens
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], max_positions: int, max_new_tokens: int,
@@ -176,11 +182,11 @@ def prefill(
   check_prompts(prompts, cfg.max_position_embeddings, max_new_tokens, allow_long_context)
   b = len(prompts)
   lengths = np.array([len(p) for p in prompts], np.int32)
-  padded = _round_up(int(lengths.max()), BUCKET)
+  padded = bucket(int(lengths.max()))
   if make_cache is None:
     make_cache = functools.partial(
         _dense_cache, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, runner.model.dtype)
-  cache = make_cache(b, _round_up(padded + max_new_tokens, BUCKET))
+  cache = make_cache(b, bucket(padded + max_new_tokens))
 
   # Prefill, whole or in chunks; the last chunk's logits give each row's first new token.
   t0 = time.perf_counter()
@@ -366,86 +372,6 @@ def _split_hook(hook):
     if leaves and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves):
       return hook.func, bound
   return hook, ((), {})
-
-
-def method_hooks(spec, config, *, batch: int, prompt_len: int, max_new_tokens: int,
-                 chunk_size: int | None, dtype, profile=None) -> dict:
-  """``generate`` keyword arguments that run compression method ``spec`` (a MethodSpec).
-
-  Prefill is one shot (``chunk_size=None``) or chunked; the cache is compressed after every
-  prefill chunk and re-packed for decoding (``rechunk(1)``: each head's region is its budget
-  plus one token, rounded up to a page). While decoding, eviction is amortised
-  (:func:`evict_while_decoding`): a layer evicts only when one of its heads has no room for
-  the next token, so a head holds between its budget and its region's size (budget + up to
-  one page) and evicts about once per page of steps instead of every step. H2O's scores still
-  accumulate every step; what ``cache_bytes`` reports is the regions, headroom included.
-  """
-  from headkv_jax import methods
-
-  padded = _round_up(prompt_len, BUCKET)
-  chunk = padded if chunk_size is None else min(chunk_size, padded)
-
-  def make_cache(b, capacity):
-    return methods.make_cache(
-        spec, num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
-        head_dim=config.head_dim, batch=b, capacity=capacity, chunk_size=chunk, dtype=dtype,
-        max_len=budget_cap(prompt_len, max_new_tokens), profile=profile)
-
-  hooks = dict(make_cache=make_cache, chunk_size=chunk_size)
-  if spec.name == "full" and spec.bit_scheme.is_full_precision:
-    return hooks
-  hooks.update(after_prefill_chunk=_jit_compress, after_prefill=_jit_rechunk,
-               after_decode_step=evict_while_decoding)
-  if chunk_size is None:
-    hooks.update(_one_shot_hooks(spec, config, dtype=dtype, profile=profile,
-                                 max_len=budget_cap(prompt_len, max_new_tokens)))
-  return hooks
-
-
-def _one_shot_hooks(spec, config, *, dtype, profile, max_len) -> dict:
-  """One-shot prefill of a paged method through the shared-prefill path, when it can.
-
-  The prompt is prefilled with exact attention into a dense :class:`RecordingCache` (blocked
-  attention, statistics recorded on the way), then compressed once by the method's policy
-  (``prompt_stats.compress_prompt``): the same kept tokens and outputs as attending through
-  the paged cache (``tests/test_prompt_stats.py``), without materialising the
-  ``[T, budget + T]`` probabilities of every layer (a 2,000-token snapkv prefill took 31 s
-  that way, against ~5 s for the dense prefill). The oracle and cache-relative positions keep
-  the paged path (returns ``{}``).
-  """
-  from models import shared_prefill
-
-  if not shared_prefill.supports(spec):
-    return {}
-  make_cache = shared_prefill.recording_cache_maker(config, dtype,
-                                                    shared_prefill.record_window([spec]))
-
-  def compress(recorded):
-    return shared_prefill.compress_recorded(recorded, spec, config, max_len=max_len,
-                                            profile=profile)
-
-  return dict(make_cache=make_cache, after_prefill_chunk=None, after_prefill=compress)
-
-
-@jit(donate_argnums=0)
-def evict_while_decoding(cache):
-  """The decode-step eviction of a paged cache: amortised, ``compress(headroom=1)``.
-
-  A layer evicts (back to the budgets) only when a head could not take one more token; a
-  step with room to spare costs one ``lax.cond`` per layer. On the embedded model with
-  snapkv at budget 1024, an eviction every step cost ~45 ms of a ~100 ms step.
-  """
-  return cache.compress(headroom=1)
-
-
-@jit(donate_argnums=0)
-def _jit_compress(cache):
-  return cache.compress()
-
-
-@jit  # no donation: the re-packed pools have other shapes
-def _jit_rechunk(cache):
-  return cache.rechunk(1)
 
 
 def _dense_cache(num_layers, num_kv_heads, head_dim, dtype, batch, capacity):

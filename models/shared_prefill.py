@@ -5,8 +5,9 @@ once) every method sees the same keys, values and first new token; they differ o
 tokens each head keeps. ``generate_shared`` prefills once through a
 :class:`headkv_jax.prompt_stats.RecordingCache`, then for each method builds its compressed
 cache (``prompt_stats.compress_prompt``: the policy's own selection) and decodes from it,
-exactly as :func:`models.generation.generate` with ``method_hooks(spec, ..., chunk_size=None)``
-would, minus the repeated prefills::
+exactly as :func:`models.generation.generate` with
+``MethodDriver.create(spec, ..., chunk_size=None)`` (``models.method_driver``) would, minus the
+repeated prefills::
 
     results, prefill_s = generate_shared(runner, [prompt], 12, [MethodSpec('full'),
                                          MethodSpec('snapkv', 128), MethodSpec('h2o', 128)])
@@ -31,13 +32,14 @@ import numpy as np
 from headkv_jax import methods as methods_lib
 from headkv_jax import prompt_stats
 from models import generation
+from models import method_driver
 from models import sampling as sampling_lib
 from models.runner import ModelRunner
 
 
 def supports(spec: methods_lib.MethodSpec) -> bool:
   """Whether ``spec`` can share a prefill (not the oracle; keys in "original" mode)."""
-  return spec.name != "oracle" and spec.position_mode == "original"
+  return method_driver.supports_shared_prefill(spec)
 
 
 def check_supported(specs: Sequence[methods_lib.MethodSpec]) -> None:
@@ -51,7 +53,7 @@ def check_supported(specs: Sequence[methods_lib.MethodSpec]) -> None:
 def record_window(specs: Sequence[methods_lib.MethodSpec]) -> int:
   """How many last queries a shared prefill must record for ``specs`` (their largest window)."""
   check_supported(specs)
-  return max([s.policy().window for s in specs if s.policy().score_kind == "window"] or [0])
+  return method_driver.record_window(specs)
 
 
 @dataclasses.dataclass
@@ -80,7 +82,7 @@ class SharedPrefill:
 def prefill(runner: ModelRunner, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
             window: int, allow_long_context: bool = False) -> SharedPrefill:
   """Prefills ``prompts`` once (one call) recording the last ``window`` queries' attention."""
-  make_cache = recording_cache_maker(runner.config, runner.model.dtype, window)
+  make_cache = method_driver.recording_cache_maker(runner.config, runner.model.dtype, window)
   done = generation.prefill(runner, prompts, max_new_tokens, make_cache=make_cache,
                             allow_long_context=allow_long_context)
   prompt_stats.check_one_shot(done.cache)
@@ -106,53 +108,15 @@ def generate_from(runner: ModelRunner, shared: SharedPrefill, spec: methods_lib.
       max_new_tokens=shared.max_new_tokens, sampling=sampling, seed=seed, eos=eos,
       prefill_cache_bytes=shared.recorded.nbytes)
   t0 = time.perf_counter()
-  if spec.name == "full" and spec.bit_scheme.is_full_precision:
+  driver = method_driver.MethodDriver.create(
+      spec, cfg, prompt_len=int(shared.lengths.max()), max_new_tokens=shared.max_new_tokens,
+      chunk_size=None, dtype=shared.recorded.dense.layers[0].k.dtype, profile=profile)
+  if driver.plan.dense:
     cache = jax.block_until_ready(jax.tree_util.tree_map(jnp.copy, shared.recorded.dense))
     return run(cache=cache, prefill_s=shared.prefill_s + time.perf_counter() - t0)
-  max_len = generation.budget_cap(int(shared.lengths.max()), shared.max_new_tokens)
-  cache = jax.block_until_ready(compress_recorded(shared.recorded, spec, cfg, max_len=max_len,
-                                                  profile=profile))
+  cache = jax.block_until_ready(driver.compress_recorded(shared.recorded))
   return run(cache=cache, prefill_s=shared.prefill_s + time.perf_counter() - t0,
-             after_decode_step=generation.evict_while_decoding)
-
-
-def recording_cache_maker(config, dtype, window: int):
-  """``make_cache(batch, capacity)`` for ``generation.prefill``: a dense cache that records
-  the statistics of the last ``window`` queries (``prompt_stats.RecordingCache``)."""
-
-  def make_cache(batch, capacity):
-    dense = generation._dense_cache(config.num_layers, config.num_kv_heads, config.head_dim,
-                                    dtype, batch, capacity)
-    return prompt_stats.RecordingCache.create(dense, window)
-
-  return make_cache
-
-
-def compress_recorded(recorded: prompt_stats.RecordingCache, spec: methods_lib.MethodSpec,
-                      config, *, max_len: int, profile=None):
-  """The paged cache ``spec`` keeps of a recorded one-shot prefill, ready for decoding.
-
-  Budgets (capped at ``max_len``, see ``generation.budget_cap``) and bits are resolved here
-  for ``spec`` on a model of ``config``; one compiled program per (budgets, policy, bits,
-  shapes).
-  """
-  prompt_stats.check_one_shot(recorded)
-  budgets = methods_lib.paged_budgets(spec, config.num_layers, config.num_kv_heads,
-                                      max_len=max_len, profile=profile)
-  bits = methods_lib.method_bits(spec, budgets, profile=profile)
-  return _compress(recorded, _static(budgets), spec.policy(), _static(bits["bits"]),
-                   bits["residual"])
-
-
-def _static(array) -> tuple:
-  """A nested tuple of ints: an array as a hashable static jit argument."""
-  return tuple(map(_static, array)) if np.ndim(array) else int(array)
-
-
-@functools.partial(jax.jit, static_argnames=("budgets", "policy", "bits", "residual"))
-def _compress(recorded, budgets, policy, bits, residual):
-  return prompt_stats.compress_prompt(recorded, np.asarray(budgets), policy,
-                                      bits=np.asarray(bits), residual=residual)
+             after_decode_step=driver.after_decode_step)
 
 
 def generate_shared(
@@ -191,4 +155,4 @@ def generate_shared(
 
 
 __all__ = ["supports", "check_supported", "record_window", "SharedPrefill", "prefill",
-           "recording_cache_maker", "compress_recorded", "generate_from", "generate_shared"]
+           "generate_from", "generate_shared"]

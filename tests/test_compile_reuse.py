@@ -11,6 +11,7 @@ from flax import nnx
 
 from headkv_jax.methods import MethodSpec
 from models import generation
+from models import method_driver
 from models import shared_prefill
 from models.config import LlamaConfig
 from models.llama import Llama
@@ -25,8 +26,9 @@ SPECS = [MethodSpec("full"), MethodSpec("snapkv", 48), MethodSpec("h2o", 48),
 def _programs(runner) -> int:
   """Compiled programs so far of the jitted entry points a generation goes through."""
   fns = [runner._decode_block, runner._layerwise._embed, runner._layerwise._layer,
-         runner._layerwise._head, shared_prefill._compress, generation._jit_rechunk,
-         generation._jit_compress, generation.evict_while_decoding]
+         runner._layerwise._head, method_driver._compress_recorded,
+         method_driver.rechunk_for_decoding, method_driver.compress_chunk,
+         method_driver.evict_while_decoding]
   return sum(f._jitted._cache_size() if hasattr(f, "_jitted") else f._cache_size()
              for f in fns if not hasattr(f, "_jitted") or "_jitted" in f.__dict__)
 
@@ -42,8 +44,8 @@ def test_ten_prompt_lengths_of_one_bucket_compile_once():
     results, _ = shared_prefill.generate_shared(runner, [prompt], 6, SPECS, eos_ids=[])
     assert all(len(r.tokens[0]) == 6 for r in results)
     for spec in SPECS[1:]:  # and the per-method path (chunked prefill)
-      hooks = generation.method_hooks(spec, CFG, batch=1, prompt_len=n, max_new_tokens=6,
-                                      chunk_size=64, dtype=runner.model.dtype)
+      hooks = method_driver.method_hooks(spec, CFG, prompt_len=n, max_new_tokens=6,
+                                         chunk_size=64, dtype=runner.model.dtype)
       generation.generate(runner, [prompt], 6, eos_ids=[], **hooks)
     counts.append(_programs(runner))
   assert counts[1:] == [counts[0]] * (len(lengths) - 1), counts

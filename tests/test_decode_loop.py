@@ -5,7 +5,6 @@ be a faster way to run the same steps (same positions, eviction, PRNG keys and E
 different generation.
 """
 
-import functools
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +13,8 @@ from flax import nnx
 
 from headkv_jax import methods
 from models.config import LlamaConfig
-from models.generation import generate, method_hooks
+from models.generation import generate
+from models.method_driver import method_hooks
 from models.llama import Llama
 from models.runner import ModelRunner
 from models.sampling import SamplingConfig
@@ -47,25 +47,18 @@ def _both(runner, prompts, new=NEW, **kwargs):
   return steps, blocks
 
 
-def _oracle_compress(scores, cache):
-  return cache.compress(oracle_scores=scores)
-
-
 def _method_kwargs(name: str, kv_bits: str = "16") -> dict:
   """``generate`` hooks of a small-budget method: every row past its budget evicts."""
   prompts = _prompts()
   spec = methods.MethodSpec(name, 0 if name == "full" else 24, window=8, kv_bits=kv_bits)
-  hooks = method_hooks(spec, CFG, batch=len(prompts), prompt_len=max(map(len, prompts)),
-                       max_new_tokens=NEW, chunk_size=None, dtype=np.float32,
-                       profile=tiny_models.tiny_profile(3, [[0, 2]]))
-  if name == "oracle":  # random answer attention; a partial hook's arrays are operands
+  scores = None
+  if name == "oracle":  # random answer attention; the driver's partial hooks take it as operands
     rng = np.random.RandomState(0)
     scores = tuple(jnp.asarray(rng.rand(3, CFG.num_heads, 128), jnp.float32)
                    for _ in range(CFG.num_layers))
-    compress = functools.partial(_oracle_compress, scores)
-    hooks.update(after_prefill_chunk=compress, after_decode_step=compress,
-                 after_prefill=lambda c: c.rechunk(1, oracle_scores=scores))
-  return hooks
+  return method_hooks(spec, CFG, batch=len(prompts), prompt_len=max(map(len, prompts)),
+                      max_new_tokens=NEW, chunk_size=None, dtype=np.float32,
+                      profile=tiny_models.tiny_profile(3, [[0, 2]]), oracle_scores=scores)
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])

@@ -1,15 +1,18 @@
 """Methods by name: budgets from a spec, caches the model decodes with, rechunking."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from headkv_jax import methods
+from headkv_jax.bits import allocate_bits, parse_kv_bits
 from headkv_jax.paged_cache import PagedKVCache
 from headkv_jax.profiles import load_shipped_profile
 from models.config import LlamaConfig
-from models.generation import generate, method_hooks
+from models.generation import generate
 from models.llama import Llama
+from models.method_driver import method_hooks
 from models.runner import ModelRunner
 from tests import tiny_models
 
@@ -170,23 +173,18 @@ def test_every_policy_runs_with_a_bit_scheme(runner, name, kv_bits):
 
   def run(bits):
     spec = methods.MethodSpec(name, budget, kv_bits=bits)
-    hooks = method_hooks(spec, CFG, batch=2, prompt_len=150, max_new_tokens=8, chunk_size=64,
-                         dtype=np.float32, profile=profile)
+    scores = None
     if name == "oracle":  # the oracle ranks by given answer attention: uniform here
-      import functools
-      from models import generation
-      scores = [np.ones((2, 6, 512), np.float32)] * CFG.num_layers
-      hooks.update(after_prefill_chunk=lambda c: c,
-                   after_prefill=functools.partial(
-                       lambda c, o: c.rechunk(1, oracle_scores=o), o=scores),
-                   after_decode_step=lambda c: c.compress(oracle_scores=scores))
+      scores = [jnp.ones((2, 6, 512), jnp.float32)] * CFG.num_layers
+    hooks = method_hooks(spec, CFG, batch=2, prompt_len=150, max_new_tokens=8, chunk_size=64,
+                         dtype=np.float32, profile=profile, oracle_scores=scores)
     return generate(runner, prompts, 8, eos_ids=[], **hooks)
 
   out = run(kv_bits)
   assert all(len(t) == 8 for t in out.tokens)
   cache = out.cache
-  want = methods.method_bits(methods.MethodSpec(name, budget, kv_bits=kv_bits),
-                             np.asarray(cache.budgets), profile=profile)["bits"]
+  budgets = np.asarray(cache.budgets)
+  want = allocate_bits(parse_kv_bits(kv_bits), *budgets.shape, profile=profile, weights=budgets)
   np.testing.assert_array_equal(cache.head_bits, want)
   assert cache.effective_bits > 0
   if name != "full":  # the same budgets and pools at 16 bits hold more bytes

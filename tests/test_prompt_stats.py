@@ -10,7 +10,8 @@ from headkv_jax import methods
 from headkv_jax import prompt_stats
 from headkv_jax.dense_cache import DenseKVCache
 from models.config import LlamaConfig
-from models.generation import generate, method_hooks
+from models.generation import generate
+from models.method_driver import method_hooks
 from models.llama import Llama
 from models.runner import ModelRunner
 from models.shared_prefill import generate_shared

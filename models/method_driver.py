@@ -1,0 +1,247 @@
+"""The one object that runs a compression method through generation: :class:`MethodDriver`.
+
+A method needs, at every stage of a generation, the same decisions: which cache to create, what
+to do after each prefill chunk, after the prompt, and after each decode step. The driver makes
+them once, from a :class:`headkv_jax.methods.CachePlan` (per-head budgets and bits resolved
+once, capped at the prompt's *bucket* plus the new tokens, so every prompt of a bucket shares
+one set of shapes and programs)::
+
+    driver = MethodDriver.create(spec, config, prompt_len=2000, max_new_tokens=12,
+                                 chunk_size=None, dtype=jnp.float32, profile=profile)
+    result = generation.generate(runner, [prompt], 12, **driver.generate_kwargs())
+
+What runs where:
+
+* dense ``full`` (16 bits): the dense cache, no hooks.
+* one-shot prefill (``chunk_size=None``) of a method that can use it (not the oracle, keys at
+  their original positions): the prompt goes through a dense
+  :class:`~headkv_jax.prompt_stats.RecordingCache` (exact blocked attention, every policy's
+  statistic recorded on the way), then one compiled compression (:meth:`compress_recorded`):
+  the same kept tokens and outputs as attending through the paged cache
+  (``tests/test_prompt_stats.py``) without materialising ``[T, budget + T]`` probabilities.
+  ``models.shared_prefill`` reuses one such prefill for many methods.
+* otherwise the paged cache with room for one prefill chunk, compressed after every chunk and
+  re-packed for decoding after the prompt (``rechunk(1)``).
+* while decoding, eviction is amortised (:func:`evict_while_decoding`): a layer evicts only
+  when one of its heads has no room for the next token, so a head holds between its budget and
+  its region (budget + up to one page); H2O's scores still accumulate every step, and
+  ``cache_bytes`` counts the regions, headroom included.
+* the oracle compresses with the answer's attention (``oracle_scores``) at every stage; its
+  hooks are partials of compiled functions with the scores as operands, so every sample reuses
+  one program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from headkv_jax import methods as methods_lib
+from headkv_jax import prompt_stats
+from headkv_jax.dense_cache import DenseKVCache
+from headkv_jax.jit import jit
+from models import generation
+
+
+def supports_shared_prefill(spec: methods_lib.MethodSpec) -> bool:
+  """Whether ``spec`` can prefill through a recording cache (not the oracle; keys in
+  "original" mode)."""
+  return spec.name != "oracle" and spec.position_mode == "original"
+
+
+def record_window(specs) -> int:
+  """How many last queries a recording prefill must keep for ``specs`` (their largest
+  SnapKV-style observation window; 0 when none needs one)."""
+  return max([s.policy().window for s in specs if s.policy().score_kind == "window"] or [0])
+
+
+def recording_cache_maker(config, dtype, window: int) -> Callable[[int, int], object]:
+  """``make_cache(batch, capacity)`` for ``generation.prefill``: a dense cache that records
+  the statistics of the last ``window`` queries (``prompt_stats.RecordingCache``)."""
+
+  def make_cache(batch, capacity):
+    dense = DenseKVCache.create(config.num_layers, batch, config.num_kv_heads, config.head_dim,
+                                capacity, dtype)
+    return prompt_stats.RecordingCache.create(dense, window)
+
+  return make_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodDriver:
+  """Makes one method's cache and runs its eviction at every stage of a generation.
+
+  Attributes:
+    plan: the method's cache (budgets and bits, resolved once).
+    config: the model's config.
+    dtype: the cache dtype (the model's).
+    prefill_chunk: most tokens one prefill call adds (the bucketed prompt for one shot).
+    one_shot: the prompt is prefilled in one call (``chunk_size=None``).
+    oracle_scores: the oracle's per-layer ``[B, Hq or Hkv, P]`` answer attention by position.
+  """
+
+  plan: methods_lib.CachePlan
+  config: Any
+  dtype: Any
+  prefill_chunk: int
+  one_shot: bool
+  oracle_scores: tuple | None = dataclasses.field(default=None, compare=False)
+
+  @classmethod
+  def create(cls, spec: methods_lib.MethodSpec, config, *, prompt_len: int,
+             max_new_tokens: int, chunk_size: int | None, dtype, profile=None,
+             oracle_scores=None) -> "MethodDriver":
+    """The driver of ``spec`` for prompts of up to ``prompt_len`` tokens (their bucket).
+
+    Args:
+      spec: the method.
+      config: the model's config (layers, KV heads, head dim).
+      prompt_len: the longest prompt; budgets are capped at its bucket + ``max_new_tokens``.
+      max_new_tokens: tokens to generate.
+      chunk_size: prefill chunk in tokens, or None for one call over the whole prompt.
+      dtype: the cache dtype.
+      profile: the head profile (``headaware`` budgets, ``roles`` / ``avg:`` bits).
+      oracle_scores: required by the oracle: per layer ``[B, Hq or Hkv, P]`` attention the
+        answer pays to each position (``P`` = the generation's cache positions).
+    """
+    if spec.name == "oracle" and oracle_scores is None:
+      raise ValueError("Method 'oracle' needs oracle_scores: the answer's attention per layer "
+                       "(see experiments.phase0.oracle_scores).")
+    if spec.name != "oracle" and oracle_scores is not None:
+      raise ValueError(f"oracle_scores are for method 'oracle' only, not {spec.name!r}.")
+    if chunk_size is not None and chunk_size <= 0:
+      raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    padded = generation.bucket(prompt_len)
+    plan = methods_lib.plan_cache(spec, config.num_layers, config.num_kv_heads,
+                                  max_len=generation.budget_cap(prompt_len, max_new_tokens),
+                                  profile=profile)
+    chunk = padded if chunk_size is None else min(chunk_size, padded)
+    scores = None if oracle_scores is None else tuple(oracle_scores)
+    return cls(plan, config, dtype, chunk, chunk_size is None, scores)
+
+  @property
+  def spec(self) -> methods_lib.MethodSpec:
+    return self.plan.spec
+
+  @property
+  def records_prefill(self) -> bool:
+    """Whether the prompt goes through a recording cache (one shot, see the module)."""
+    return (self.one_shot and not self.plan.dense
+            and supports_shared_prefill(self.spec))
+
+  # ---- the cache ---------------------------------------------------------------------------
+
+  def make_cache(self, batch: int, capacity: int):
+    """``generation.prefill``'s ``make_cache``: the cache the prompt is prefilled into."""
+    if self.records_prefill:
+      window = record_window([self.spec])
+      return recording_cache_maker(self.config, self.dtype, window)(batch, capacity)
+    return self.plan.create(batch=batch, head_dim=self.config.head_dim, capacity=capacity,
+                            chunk_size=self.prefill_chunk, dtype=self.dtype)
+
+  def compress_recorded(self, recorded: prompt_stats.RecordingCache):
+    """The paged cache this method keeps of a recorded one-shot prefill, ready to decode
+    (one compiled program per plan and shapes)."""
+    if not supports_shared_prefill(self.spec) or self.plan.dense:
+      raise ValueError(f"Method {self.spec.name!r} (kv_bits={self.spec.kv_bits}, position "
+                       f"mode {self.spec.position_mode!r}) has no compression of a recorded "
+                       "prefill.")
+    prompt_stats.check_one_shot(recorded)
+    return _compress_recorded(recorded, self.plan)
+
+  # ---- eviction hooks ----------------------------------------------------------------------
+
+  @property
+  def after_prefill_chunk(self) -> Callable | None:
+    if self.plan.dense or self.records_prefill:
+      return None
+    if self.oracle_scores is not None:
+      return functools.partial(_oracle_compress, scores=self.oracle_scores)
+    return compress_chunk
+
+  @property
+  def after_prefill(self) -> Callable | None:
+    if self.plan.dense:
+      return None
+    if self.records_prefill:
+      return self.compress_recorded
+    if self.oracle_scores is not None:
+      return functools.partial(_oracle_rechunk, scores=self.oracle_scores)
+    return rechunk_for_decoding
+
+  @property
+  def after_decode_step(self) -> Callable | None:
+    if self.plan.dense:
+      return None
+    if self.oracle_scores is not None:
+      return functools.partial(_oracle_compress, scores=self.oracle_scores)
+    return evict_while_decoding
+
+  def generate_kwargs(self) -> dict:
+    """Keyword arguments of ``generation.generate`` / ``prefill`` that run this method."""
+    return dict(make_cache=self.make_cache,
+                chunk_size=None if self.one_shot else self.prefill_chunk,
+                after_prefill_chunk=self.after_prefill_chunk,
+                after_prefill=self.after_prefill,
+                after_decode_step=self.after_decode_step)
+
+
+def method_hooks(spec, config, *, batch: int | None = None, prompt_len: int,
+                 max_new_tokens: int, chunk_size: int | None, dtype, profile=None,
+                 oracle_scores=None) -> dict:
+  """``MethodDriver.create(...).generate_kwargs()``: ``generate`` keyword arguments that run
+  method ``spec`` (``batch`` is accepted for older callers; the cache takes it at creation)."""
+  del batch
+  return MethodDriver.create(spec, config, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                             chunk_size=chunk_size, dtype=dtype, profile=profile,
+                             oracle_scores=oracle_scores).generate_kwargs()
+
+
+# ---- the compiled programs (module level: every driver with equal shapes reuses them) -------
+
+@jit(donate_argnums=0)
+def evict_while_decoding(cache):
+  """The decode-step eviction of a paged cache: amortised, ``compress(headroom=1)``.
+
+  A layer evicts (back to the budgets) only when a head could not take one more token; a
+  step with room to spare costs one ``lax.cond`` per layer. On the embedded model with
+  snapkv at budget 1024, an eviction every step cost ~45 ms of a ~100 ms step.
+  """
+  return cache.compress(headroom=1)
+
+
+@jit(donate_argnums=0)
+def compress_chunk(cache):
+  """After a prefill chunk: every head back to its budget."""
+  return cache.compress()
+
+
+@jit  # no donation: the re-packed pools have other shapes
+def rechunk_for_decoding(cache):
+  """After the prompt: pools re-packed with room for one new token per head."""
+  return cache.rechunk(1)
+
+
+@jit(donate_argnums=0)
+def _oracle_compress(cache, scores):
+  return cache.compress(scores)
+
+
+@jit
+def _oracle_rechunk(cache, scores):
+  return cache.rechunk(1, scores)
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _compress_recorded(recorded, plan: methods_lib.CachePlan):
+  return prompt_stats.compress_prompt(recorded, np.asarray(plan.budgets), plan.spec.policy(),
+                                      **plan.paged_kwargs())
+
+
+__all__ = ["MethodDriver", "method_hooks", "supports_shared_prefill", "record_window",
+           "recording_cache_maker", "evict_while_decoding", "compress_chunk",
+           "rechunk_for_decoding"]

@@ -24,7 +24,14 @@ The flags every binary has (defined here, not in ``experiments/flags.py``, becau
   --params_cache_dir       the converted parameters of the embedded models: the GGUF is
                            dequantized once, later loads read float32 / bfloat16 back ('' = off).
 
-Both default to directories under the user's cache root (``models.cache_dirs``:
+  --mesh                   the device mesh, e.g. data:2,model:4 (headkv_jax.sharding; '' = one
+                           device): every ModelRunner the binary builds uses it.
+  --coordinator_address, --num_processes, --process_id
+                           a multi-process run (jax.distributed.initialize, before anything
+                           starts JAX); unset values come from JAX_COORDINATOR_ADDRESS,
+                           JAX_NUM_PROCESSES, JAX_PROCESS_ID or JAX's cluster detection.
+
+The two cache directories default to directories under the user's cache root (``models.cache_dirs``:
 ``$HEADKV_JAX_CACHE``, else ``$XDG_CACHE_HOME/headkv_jax``, else ``~/.cache/headkv_jax``);
 ``$JAX_COMPILATION_CACHE_DIR``, when set, is the compilation cache's default instead.
 """
@@ -61,6 +68,50 @@ _PARAMS_CACHE_DIR = flags.DEFINE_string(
     'params_cache_dir', str(cache_dirs.cache_dir(cache_dirs.PARAMS)),
     "Converted parameters of the embedded models (one file per model and dtype); '' disables "
     'it. Safe to delete.')
+
+_MESH = flags.DEFINE_string(
+    'mesh', '',
+    "Device mesh 'data:D,model:M' (either axis may be left out; '' = one device): the batch "
+    'is split over data, attention heads and the MLP over model where they divide (see '
+    'headkv_jax.sharding). On CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N '
+    'devices.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', '',
+    "host:port of process 0 in a multi-process run ('' = $JAX_COORDINATOR_ADDRESS, else a "
+    "single process unless --num_processes > 1; 'auto' = JAX's cluster detection: TPU pods, "
+    'SLURM, Open MPI, Kubernetes).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Processes of a multi-process run (default $JAX_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'This process in a multi-process run, 0-based (default $JAX_PROCESS_ID).')
+
+
+def setup_distributed() -> bool:
+  """``jax.distributed.initialize`` from the flags when a multi-process run is asked for."""
+  from headkv_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  try:
+    return sharding.initialize_distributed(_COORDINATOR.value or None, _NUM_PROCESSES.value,
+                                           _PROCESS_ID.value)
+  except (ValueError, RuntimeError) as e:
+    raise app.UsageError(f'Cannot start the multi-process run: {e}') from e
+
+
+def mesh_from_flag(text: str):
+  """The ``jax.sharding.Mesh`` of a ``--mesh`` value (None for ''), or a UsageError."""
+  from headkv_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  try:
+    return sharding.make_mesh(text)
+  except sharding.MeshError as e:
+    raise app.UsageError(f'Bad --mesh={text!r}: {e}') from e
+
+
+def setup_mesh() -> None:
+  """Makes ``--mesh`` the mesh of every ``ModelRunner`` built without one."""
+  from headkv_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  sharding.set_default_mesh(mesh_from_flag(_MESH.value))
 
 
 def setup_compilation_cache(directory: str | os.PathLike | None) -> None:
@@ -130,13 +181,16 @@ def error_line(error: BaseException, program: str | None = None) -> str:
 
 
 def wrap(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
-  """``main`` with the caches set up first and a user's error printed as one line, exit 1."""
+  """``main`` with the distributed runtime, caches and mesh set up first and a user's error
+  printed as one line, exit 1."""
 
   @functools.wraps(main)
   def wrapped(argv):
-    setup_caches()
-    setup_attention_impl()
     try:
+      setup_distributed()  # before anything starts a JAX backend
+      setup_caches()
+      setup_attention_impl()
+      setup_mesh()
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except  # re-raised unless a user error
       if not isinstance(e, user_errors()):

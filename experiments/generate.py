@@ -66,6 +66,7 @@ def main(argv):
   del argv
   from headkv_jax import bits
   from headkv_jax import methods
+  from headkv_jax import sharding
   from models.generation import generate
   from models.method_driver import MethodDriver
   from models.loading import load_model
@@ -101,10 +102,14 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   hooks = driver.generate_kwargs()
+  try:
+    runner = ModelRunner(model)  # on --mesh (a model axis that splits nothing is refused)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   start = time.perf_counter()
   try:
     result = generate(
-        ModelRunner(model), prompts, _MAX_NEW.value,
+        runner, prompts, _MAX_NEW.value,
         sampling=SamplingConfig(_TEMPERATURE.value, _TOP_P.value), seed=_SEED.value,
         allow_long_context=_ALLOW_LONG.value, **hooks)
   except ValueError as e:
@@ -126,6 +131,9 @@ def main(argv):
                kv_tokens_per_head=counts.transpose(1, 0, 2).tolist(),
                prefill_s=round(result.prefill_s, 3), seconds=round(seconds, 3),
                kv_bits=spec.kv_bits)
+    if runner.mesh is not None:  # bytes held on each device (replicas counted on each)
+      out.update(mesh=runner.mesh_text,
+                 cache_nbytes_per_device=sorted(sharding.device_bytes(result.cache).values()))
     if getattr(result.cache, "head_bits", None) is not None:  # quantized caches
       out.update(effective_bits=float(result.cache.effective_bits),
                  head_bits=np.asarray(result.cache.head_bits).tolist())

@@ -307,11 +307,30 @@ def load_model(settings: Settings):
   from models.errors import ModelLoadError  # pylint: disable=g-import-not-at-top
   from models.runner import ModelRunner  # pylint: disable=g-import-not-at-top
 
+  check_mesh()
   try:
     model, tokenizer = loading.load_model(settings.model, settings.dtype)
   except ModelLoadError as e:
     raise app.UsageError(f'Cannot load --model={settings.model!r}: {e}') from e
   return ModelRunner(model), tokenizer
+
+
+def check_mesh() -> None:
+  """UsageError when `--mesh` splits the batch: a phase runs one sample at a time (batch 1)."""
+  from headkv_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  mesh = sharding.default_mesh()
+  if mesh is not None and mesh.shape['data'] > 1:
+    d = mesh.shape['data']
+    raise app.UsageError(
+        f'--mesh={sharding.mesh_text(mesh)}: the phases run one sample at a time (batch 1), '
+        f'which data:{d} cannot split; put the devices on the model axis instead (e.g. '
+        f'--mesh=model:{d * mesh.shape["model"]}).')
+
+
+def _mesh(runner) -> str:
+  """The record's `mesh`: the runner's mesh text, '' on one device."""
+  return getattr(runner, 'mesh_text', '')
 
 
 Evaluate = Callable[..., dict]
@@ -321,7 +340,7 @@ def _run_sample(key: tuple, cell: Cell, runner, tokenizer, settings: Settings, p
                 evaluate_fn: Evaluate) -> dict:
   """The record of one sample: its metrics, or status 'skipped' and the ValueError's reason."""
   record = {**dict(zip(results.KEY_FIELDS, key)), 'seed': settings.seed,
-            'spec': _spec_text(cell.spec)}
+            'spec': _spec_text(cell.spec), 'mesh': _mesh(runner)}
   options = ({'longbench_dir': settings.longbench_dir}
              if cell.task.startswith(tasks_lib.LONGBENCH_PREFIX) else {})
   try:
@@ -369,7 +388,7 @@ def _run_shared(keys: Sequence[tuple], by_key: dict, runner, tokenizer, settings
 
   def base(cell, i):
     return {**dict(zip(results.KEY_FIELDS, cell.key(i))), 'seed': settings.seed,
-            'spec': _spec_text(cell.spec)}
+            'spec': _spec_text(cell.spec), 'mesh': _mesh(runner)}
 
   def run_cells(held):
     for cell in cells:

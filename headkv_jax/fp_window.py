@@ -11,6 +11,7 @@ window's copy wherever the window holds the slot's position (:func:`read`).
 from __future__ import annotations
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 
 
@@ -61,11 +62,11 @@ def write(fp: FpWindow, positions, k, v, sinks: int, residual: int) -> FpWindow:
   j = jnp.where(sink | recent, index(positions, sinks, residual), size)  # [B, T]; F = drop
   b, hc = fp.pos.shape[:2]
   j = jnp.broadcast_to(j[:, None, :], (b, hc, j.shape[1]))  # [B, Hc, T]
-  rows = jnp.arange(b)[:, None, None]
-  heads = jnp.arange(hc)[None, :, None]
 
-  def put(pool, x):
-    return pool.at[rows, heads, j].set(x.astype(pool.dtype), mode="drop")
+  def put(pool, x):  # mapped over rows and heads (see slot_pool.scatter)
+    def one(p, i, v):  # p [F, ...], i [T], v [T, ...]
+      return p.at[i].set(v.astype(p.dtype), mode="drop")
+    return jax.vmap(jax.vmap(one))(pool, j, x)
 
   return FpWindow(k=put(fp.k, k), v=put(fp.v, v),
                   pos=put(fp.pos, jnp.broadcast_to(positions[:, None, :], j.shape)))

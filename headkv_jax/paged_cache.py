@@ -80,6 +80,7 @@ from headkv_jax import fp_window
 from headkv_jax import kernel_decode
 from headkv_jax import policies as policies_lib
 from headkv_jax import quantization
+from headkv_jax import sharding
 from headkv_jax import slot_pool
 from headkv_jax import slot_store
 from headkv_jax.cache_layout import BitClass
@@ -441,6 +442,7 @@ class PagedKVCache:
       raise ValueError(f"{t} new tokens exceed chunk_size={self.chunk_size}; call attend "
                        "with at most chunk_size tokens (and compress between calls).")
     group = hq // hkv
+    q, k, v = sharding.replicate_over_model(q, k, v)  # the pools are whole on every device
     lc = self.layers[layer]
     view_len = self.view_len(layer)
     kc, vc, pc, sc, view_idx = self.view(layer)  # [B, Hkv, C, ...]
@@ -470,6 +472,7 @@ class PagedKVCache:
       out, probs = cache_attention.attention_over_cache(
           qg, k_cached, vc, pc, k_new, vt, positions)  # [B, Hkv, G, T, D], [.., C + T]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)  # [B, T, Hq, D]
+    out, = sharding.replicate_over_model(out)  # so o_proj's split does not reach back in here
 
     cached_scores, new_scores = self._slot_stats(probs, sc, tok_valid, rank, view_len)
     if self.policy.score_kind == "none":

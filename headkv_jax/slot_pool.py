@@ -7,6 +7,7 @@ that depend on data.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -33,9 +34,16 @@ def gather(pool, idx):
 
 
 def scatter(pool, idx, values):
-  """Writes ``values [B, Hkv, N, ...]`` at ``idx [B, Hkv, N]``; indices >= S are dropped."""
-  rows = jnp.arange(pool.shape[0])[:, None, None]
-  return pool.at[rows, idx].set(values.astype(pool.dtype), mode="drop")
+  """Writes ``values [B, Hkv, N, ...]`` at ``idx [B, Hkv, N]``; indices >= S are dropped.
+
+  Mapped over rows (a scatter with a batch dimension) rather than indexed by a row iota: the
+  same program on one device, and on a mesh the partitioner keeps each row's write on the
+  devices holding the row instead of gathering the indices and values of the whole batch.
+  """
+  def row(p, i, v):  # p [S, ...], i [Hkv, N], v [Hkv, N, ...]
+    return p.at[i].set(v.astype(p.dtype), mode="drop")
+
+  return jax.vmap(row)(pool, idx, values)
 
 
 def rotate(rope, x, pos):

@@ -34,7 +34,10 @@ def supports(cache) -> bool:
 class LayerwiseForward:
   """``model(tokens, positions, cache)`` as one compiled program per distinct layer shape."""
 
-  def __init__(self, model, graphdef, params):
+  def __init__(self, model, graphdef, params, pin=None):
+    """``pin(tree, batch)``, traced at the end of each program, fixes the sharding of what it
+    returns (``ModelRunner`` on a mesh: the layout's; default: none)."""
+    pin = pin or (lambda tree, batch: tree)
     self.config = model.config
     self.num_layers = len(model.layers)
     self._graphdef = graphdef
@@ -45,17 +48,17 @@ class LayerwiseForward:
 
     @jit
     def embed(params, tokens):
-      return nnx.merge(graphdef, params).embed(tokens)
+      return pin(nnx.merge(graphdef, params).embed(tokens), tokens.shape[0])  # [B, T, H]
 
     @jit(donate_argnames=("x", "cache"))
     def layer(layer_params, x, positions, cache):
       block = nnx.merge(layer_graphdef, layer_params)
-      return block(x, positions, config.make_rope(), 0, cache)
+      return pin(block(x, positions, config.make_rope(), 0, cache), x.shape[0])
 
     @jit(static_argnames=("last_only",))
     def head(params, x, positions, last_only):
       model = nnx.merge(graphdef, params)
-      return model.head(model.norm(x), positions, last_only=last_only)
+      return pin(model.head(model.norm(x), positions, last_only=last_only), x.shape[0])
 
     self._embed, self._layer, self._head = embed, layer, head
 

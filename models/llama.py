@@ -142,5 +142,6 @@ class Llama(nnx.Module):
         last = jnp.full((b,), t - 1)
       else:
         last = jnp.maximum(jnp.sum(positions >= 0, axis=1) - 1, 0)
-      x = x[jnp.arange(b), last]  # [B, H]
+      # A per-row gather (not x[arange(b), last]) so a batch split over devices stays split.
+      x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # [B, H]
     return self.logits_from_hidden(x)

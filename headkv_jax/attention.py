@@ -62,6 +62,11 @@ def empty_partial(batch: int, num_kv_heads: int, rows: int, head_dim: int):
           jnp.zeros((batch, num_kv_heads, rows), jnp.float32))
 
 
+def _key_positions(k_pos):
+  """Key positions ``[B, S]`` or ``[B, Hkv, S]`` -> broadcastable ``[B, 1 or Hkv, 1, S]``."""
+  return k_pos[:, None, None, :] if k_pos.ndim == 2 else k_pos[:, :, None, :]
+
+
 def tiled_attention(q_rows, q_pos_rows, k, v, k_pos, *, tile: int, num_tiles, init=None):
   """Online-softmax attention of folded queries over key tiles ``0 .. num_tiles - 1``.
 
@@ -74,7 +79,8 @@ def tiled_attention(q_rows, q_pos_rows, k, v, k_pos, *, tile: int, num_tiles, in
   Args:
     q_rows: ``[B, Hkv, R, D]`` folded queries, already scaled by ``1/sqrt(D)``.
     q_pos_rows: ``[B, R]`` int32 position of each row's query (``-1`` = padding).
-    k, v: ``[B, Hkv, S, D]`` keys / values; ``k_pos [B, S]`` their positions (``-1`` = empty).
+    k, v: ``[B, Hkv, S, D]`` keys / values; ``k_pos [B, S]`` (shared by the heads) or
+      ``[B, Hkv, S]`` (a compressed cache's per-head slots) their positions (``-1`` = empty).
     tile: keys per tile (``<= S``).
     num_tiles: tiles to read, a Python int or a traced int32 scalar.
     init: ``(o, m, l)`` to continue from (default :func:`empty_partial`).
@@ -94,9 +100,9 @@ def tiled_attention(q_rows, q_pos_rows, k, v, k_pos, *, tile: int, num_tiles, in
     start = jnp.minimum(j * tile, num_keys - tile)
     kb = jax.lax.dynamic_slice_in_dim(k, start, tile, axis=2)  # [B, Hkv, tile, D]
     vb = jax.lax.dynamic_slice_in_dim(v, start, tile, axis=2)
-    kp = jax.lax.dynamic_slice_in_dim(k_pos, start, tile, axis=1)[:, None, None, :]
+    kp = _key_positions(jax.lax.dynamic_slice_in_dim(k_pos, start, tile, axis=-1))
     fresh = (start + jnp.arange(tile) >= j * tile)[None, None, None, :]  # not read before
-    mask = fresh & (kp >= 0) & (kp <= q_pos) & (q_pos >= 0)  # [B, 1, R, tile]
+    mask = fresh & (kp >= 0) & (kp <= q_pos) & (q_pos >= 0)  # [B, 1 or Hkv, R, tile]
     logits = jnp.einsum("bhrd,bhsd->bhrs", q_rows, kb, preferred_element_type=jnp.float32)
     logits = jnp.where(mask, logits, _NEG_INF)
     m_new = jnp.maximum(m, jnp.max(logits, axis=-1))  # [B, Hkv, R]
@@ -203,27 +209,107 @@ def causal_key_sums(q, k, positions, lse_rows, *, block_size: int = 256,
 
   def query_block(i, sums):
     qb = jax.lax.dynamic_slice_in_dim(q_rows, i * rows, rows, axis=2)  # [B, Hkv, rows, D]
-    qp = jax.lax.dynamic_slice_in_dim(q_pos_rows, i * rows, rows, axis=1)[:, None, :, None]
-    lse = jax.lax.dynamic_slice_in_dim(lse_rows, i * rows, rows, axis=2)[..., None]
-
-    def key_tile(j, sums):
-      start = jnp.minimum(j * tile, padded - tile)
-      kb = jax.lax.dynamic_slice_in_dim(kt, start, tile, axis=2)  # [B, Hkv, tile, D]
-      kp = jax.lax.dynamic_slice_in_dim(positions, start, tile, axis=1)[:, None, None, :]
-      fresh = (start + jnp.arange(tile) >= j * tile)[None, None, None, :]
-      mask = fresh & (kp >= 0) & (kp <= qp) & (qp >= 0)  # [B, 1, rows, tile]
-      logits = jnp.einsum("bhrd,bhsd->bhrs", qb, kb, preferred_element_type=jnp.float32)
-      p = jnp.where(mask, jnp.exp(logits - lse), 0.0)  # [B, Hkv, rows, tile]
-      part = p.reshape(b, hkv, block, group, tile).sum(axis=2)  # [B, Hkv, G, tile]
-      old = jax.lax.dynamic_slice_in_dim(sums, start, tile, axis=3)
-      return jax.lax.dynamic_update_slice_in_dim(sums, old + part, start, axis=3)
-
+    qp = jax.lax.dynamic_slice_in_dim(q_pos_rows, i * rows, rows, axis=1)
+    lse = jax.lax.dynamic_slice_in_dim(lse_rows, i * rows, rows, axis=2)
     tiles = ((i + 1) * block + tile - 1) // tile
-    return jax.lax.fori_loop(0, tiles, key_tile, sums)
+    return tiled_key_sums(qb, qp, kt, positions, lse, group=group, tile=tile,
+                          num_tiles=tiles, init=sums)
 
   sums = jnp.zeros((b, hkv, group, padded), jnp.float32)
   sums = jax.lax.fori_loop(0, padded // block, query_block, sums)
   return sums[..., :t]
+
+
+def tiled_key_sums(q_rows, q_pos_rows, k, k_pos, lse_rows, *, group: int, tile: int,
+                   num_tiles, init=None):
+  """Per query head, the softmax probability each key receives, summed over query rows.
+
+  The statistic H2O accumulates and SnapKV reads from its observation window, from the row
+  log-sum-exps the attention already computed: ``sum_r exp(q_r . k_s - lse_r)`` over the
+  visible keys, one tile of keys at a time, so no ``[R, S]`` probability array is stored. A
+  row with ``lse = +inf`` contributes nothing (rows a policy does not observe, and rows that
+  saw no key). Tiles as :func:`tiled_attention` (a shifted last tile counts each key once).
+
+  Args:
+    q_rows: ``[B, Hkv, R, D]`` folded queries (row ``t * group + g``), scaled by 1/sqrt(D).
+    q_pos_rows: ``[B, R]`` int32 position of each row's query (``-1`` = padding).
+    k: ``[B, Hkv, S, D]`` keys; ``k_pos``: ``[B, S]`` or ``[B, Hkv, S]`` their positions.
+    lse_rows: ``[B, Hkv, R]`` float32 each row's log-sum-exp over *all* its keys.
+    group: query heads per KV head (``R = T * group``).
+    tile, num_tiles: keys per tile (``<= S``) and tiles to read (may be traced).
+    init: ``[B, Hkv, group, S]`` sums to add to (default zeros).
+
+  Returns:
+    ``[B, Hkv, group, S]`` float32.
+  """
+  b, hkv, rows, _ = q_rows.shape
+  num_keys = k.shape[2]
+  tile = min(tile, num_keys)
+  qp = q_pos_rows[:, None, :, None]  # [B, 1, R, 1]
+  lse = lse_rows[..., None]  # [B, Hkv, R, 1]
+
+  def key_tile(j, sums):
+    start = jnp.minimum(j * tile, num_keys - tile)
+    kb = jax.lax.dynamic_slice_in_dim(k, start, tile, axis=2)  # [B, Hkv, tile, D]
+    kp = _key_positions(jax.lax.dynamic_slice_in_dim(k_pos, start, tile, axis=-1))
+    fresh = (start + jnp.arange(tile) >= j * tile)[None, None, None, :]
+    mask = fresh & (kp >= 0) & (kp <= qp) & (qp >= 0)  # [B, 1 or Hkv, R, tile]
+    logits = jnp.einsum("bhrd,bhsd->bhrs", q_rows, kb, preferred_element_type=jnp.float32)
+    p = jnp.where(mask, jnp.exp(logits - lse), 0.0)  # [B, Hkv, R, tile]
+    part = p.reshape(b, hkv, rows // group, group, tile).sum(axis=2)  # [B, Hkv, G, tile]
+    old = jax.lax.dynamic_slice_in_dim(sums, start, tile, axis=3)
+    return jax.lax.dynamic_update_slice_in_dim(sums, old + part, start, axis=3)
+
+  sums = jnp.zeros((b, hkv, group, num_keys), jnp.float32) if init is None else init
+  if isinstance(num_tiles, int) and num_tiles == 1:
+    return key_tile(0, sums)
+  return jax.lax.fori_loop(0, num_tiles, key_tile, sums)
+
+
+def attention_over_slots(qg, k_cached, v_cached, cached_positions, k_new, v_new, positions, *,
+                         num_filled, observed=None, tile: int = 256):
+  """New tokens attending over a compressed cache's per-head slots and over themselves.
+
+  The paged cache's attention: :func:`tiled_attention` over the cached slots (per-head
+  positions; only the tiles up to ``num_filled`` are read), :func:`causal_attention` over the
+  chunk, merged by log-sum-exp. When a policy needs its statistic, the attention each slot and
+  each new token receives from the ``observed`` queries comes from the merged row
+  log-sum-exps (:func:`tiled_key_sums`, :func:`causal_key_sums`): no ``[T, C + T]``
+  probability array is stored. A decode step (``T == 1``) reads the cache as one tile.
+
+  Args:
+    qg: ``[B, Hkv, G, T, D]`` queries, rotated as the cache's position mode wants (unscaled).
+    k_cached, v_cached: ``[B, Hkv, C, D]`` per-head views of the cache.
+    cached_positions: ``[B, Hkv, C]`` int32 original positions, ``-1`` for an empty slot.
+    k_new, v_new: ``[B, Hkv, T, D]`` the chunk's keys (rotated as the mode wants) and values.
+    positions: ``[B, T]`` int32 positions of the new tokens, ``-1`` for padding.
+    num_filled: int or traced int32, an upper bound on the filled slots of any head.
+    observed: ``[B, T]`` bool queries whose attention is summed, or None (no statistic).
+    tile: cached slots per tile of a chunk.
+
+  Returns:
+    ``out [B, T, Hq, D]`` in ``v_new.dtype`` and ``sums [B, Hkv, G, C + T]`` float32 (cached
+    slots, then the new tokens; None when ``observed`` is None).
+  """
+  b, hkv, group, t, d = qg.shape
+  num_cached = k_cached.shape[2]
+  q = qg.transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * group, d)  # [B, T, Hq, D]
+  k_t, v_t = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)  # [B, T, Hkv, D]
+  q_rows = fold_queries(q * (d**-0.5), hkv)  # [B, Hkv, T * G, D]
+  q_pos_rows = jnp.repeat(positions, group, axis=1)  # [B, T * G]
+  key_tile = num_cached if t == 1 else min(tile, num_cached)
+  num_tiles = 1 if key_tile == num_cached else (num_filled + key_tile - 1) // key_tile
+  cached = tiled_attention(q_rows, q_pos_rows, k_cached, v_cached, cached_positions,
+                           tile=key_tile, num_tiles=num_tiles)
+  o, m, l = merge_partials([cached, causal_attention(q, k_t, v_t, positions)])
+  out = unfold_outputs(normalize(o, l), t).astype(v_new.dtype)
+  if observed is None:
+    return out, None
+  lse = jnp.where(jnp.repeat(observed, group, axis=1)[:, None, :], row_lse(m, l), jnp.inf)
+  sums_cached = tiled_key_sums(q_rows, q_pos_rows, k_cached, cached_positions, lse,
+                               group=group, tile=key_tile, num_tiles=num_tiles)
+  sums_new = causal_key_sums(q, k_t, positions, lse)
+  return out, jnp.concatenate([sums_cached, sums_new], axis=-1)
 
 
 def row_lse(m, l):
@@ -249,6 +335,8 @@ __all__ = [
     "tiled_attention",
     "causal_attention",
     "causal_key_sums",
+    "tiled_key_sums",
+    "attention_over_slots",
     "row_lse",
     "self_attention",
 ]

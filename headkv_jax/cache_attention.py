@@ -1,8 +1,10 @@
 """Reference attention of a chunk of new tokens over a compressed cache, in plain jnp.
 
-This is the numerics oracle for the paged cache (and for a future Pallas kernel): simple,
-materialises the full probability matrix, and returns it so the cache can collect the per-slot
-statistics its policy needs (H2O's accumulated attention, SnapKV's observation window).
+The numerics oracle the tests hold the library's attention to (the paged cache attends through
+:func:`headkv_jax.attention.attention_over_slots`, the Pallas kernel through its own
+reference): simple, materialises the full probability matrix and returns it, from which the
+per-slot statistics of a policy (H2O's accumulated attention, SnapKV's observation window) are
+plain sums.
 
 Layout: each KV head's cached tokens are presented as a padded per-head *view*
 ``[B, Hkv, C, D]`` (slots ``c >= length`` are empty, marked by position ``-1``); the query

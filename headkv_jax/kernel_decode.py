@@ -2,7 +2,7 @@
 
 ``PagedKVCache(attention_impl=...)`` picks how :meth:`PagedKVCache.attend` computes attention:
 ``"xla"`` dequantizes each head's view and calls
-:func:`headkv_jax.cache_attention.attention_over_cache`; ``"pallas"`` runs decode calls
+:func:`headkv_jax.attention.attention_over_slots`; ``"pallas"`` runs decode calls
 (``T == 1``) in ``position_mode="original"`` through the fused kernel
 (:func:`pallas_kernels.quantized_decode_attention.quantized_decode_attention`), which reads the
 packed codes in place; ``"auto"`` (default) is ``"pallas"`` on a GPU backend and ``"xla"``

@@ -73,7 +73,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from headkv_jax import cache_attention
+from headkv_jax import attention
 from headkv_jax import cache_layout
 from headkv_jax import eviction
 from headkv_jax import fp_window
@@ -464,17 +464,20 @@ class PagedKVCache:
     qg = qg.reshape(b, t, hkv, group, d).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
     if self.policy.position_mode == "cache_relative":
       qg = slot_pool.rotate(rope, qg, new_slot[:, :, None, :])
+    observed = self._observed_queries(tok_valid, rank)  # [B, T] bool, None: no statistic
     if kernel_decode.uses_kernel(self, t):  # decode through the fused kernel (same results)
       out, probs = kernel_decode.decode_attention(
-          self, layer, qg, k_new, vt, positions, pc,
-          need_probs=self.policy.score_kind != "none")
+          self, layer, qg, k_new, vt, positions, pc, need_probs=observed is not None)
+      out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)  # [B, T, Hq, D]
+      sums = None if observed is None else jnp.sum(
+          probs * observed[:, None, None, :, None], axis=3)  # [B, Hkv, G, C + T]
     else:
-      out, probs = cache_attention.attention_over_cache(
-          qg, k_cached, vc, pc, k_new, vt, positions)  # [B, Hkv, G, T, D], [.., C + T]
-    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)  # [B, T, Hq, D]
+      out, sums = attention.attention_over_slots(
+          qg, k_cached, vc, pc, k_new, vt, positions, num_filled=jnp.max(lc.lengths),
+          observed=observed)  # [B, T, Hq, D], [B, Hkv, G, C + T]
     out, = sharding.replicate_over_model(out)  # so o_proj's split does not reach back in here
 
-    cached_scores, new_scores = self._slot_stats(probs, sc, tok_valid, rank, view_len)
+    cached_scores, new_scores = self._slot_stats(sums, sc, view_len, b, hkv, t)
     if self.policy.score_kind == "none":
       scores = lc.scores
     elif view_idx is None:
@@ -552,21 +555,26 @@ class PagedKVCache:
       vs.append(self._scatter_class(cls, slot_store.tree(jnp.zeros_like, lc.v[c]), target, v))
     return lc.replace(k=tuple(ks), v=tuple(vs))
 
-  def _slot_stats(self, probs, cached_scores, tok_valid, rank, view_len):
-    """Per-slot statistics -> (cached slots ``[B, Hkv, C]``, new tokens ``[B, Hkv, T]``)."""
+  def _observed_queries(self, tok_valid, rank):
+    """``[B, T]`` bool: the queries whose attention the policy's statistic sums (H2O: every
+    real query; the SnapKV family: the last ``window`` real ones), None for no statistic."""
     kind = self.policy.score_kind
     if kind == "none":
-      b, hkv, _, t, _ = probs.shape
+      return None
+    if kind == "accumulate":
+      return tok_valid
+    n_real = jnp.sum(tok_valid, axis=1, keepdims=True)  # [B, 1]
+    return tok_valid & (rank >= n_real - self.policy.window)
+
+  def _slot_stats(self, sums, cached_scores, view_len, b, hkv, t):
+    """Per-slot statistics from ``sums [B, Hkv, G, C + T]`` (attention summed over the
+    observed queries; None without a statistic) -> (cached slots ``[B, Hkv, C]``, new tokens
+    ``[B, Hkv, T]``)."""
+    if sums is None:
       return cached_scores, jnp.zeros((b, hkv, t), jnp.float32)
-    if kind == "accumulate":
-      queries = tok_valid
-    else:  # the observation window: the last `window` real queries of this call
-      n_real = jnp.sum(tok_valid, axis=1, keepdims=True)  # [B, 1]
-      queries = tok_valid & (rank >= n_real - self.policy.window)
-    per = jnp.sum(probs * queries[:, None, None, :, None], axis=3)  # [B, Hkv, G, C + T]
-    per = policies_lib.reduce_group(per, self.policy.gqa_reduce, axis=2)  # [B, Hkv, C + T]
+    per = policies_lib.reduce_group(sums, self.policy.gqa_reduce, axis=2)  # [B, Hkv, C + T]
     cached = per[..., :view_len]
-    if kind == "accumulate":
+    if self.policy.score_kind == "accumulate":
       cached = cached + cached_scores
     return cached, per[..., view_len:]
 

@@ -172,7 +172,9 @@ def prefill(
   """Runs the prompts through the model, whole (``chunk_size=None``) or in chunks.
 
   ``make_cache(batch, capacity)`` gets room for the bucketed prompts plus ``max_new_tokens``
-  (the dense cache by default); the hooks run after each chunk and after the last one.
+  (and for the last chunk's padding columns; the dense cache by default); every chunk has
+  ``chunk_size`` columns (the last padded with position ``-1``), so one program serves every
+  chunk; the hooks run after each chunk and after the last one.
   """
   cfg = runner.config
   if max_new_tokens < 0:
@@ -183,19 +185,23 @@ def prefill(
   b = len(prompts)
   lengths = np.array([len(p) for p in prompts], np.int32)
   padded = bucket(int(lengths.max()))
+  chunk = padded if chunk_size is None else min(chunk_size, padded)
+  # Every chunk has `chunk` columns, the last one padded (position -1, never stored): one
+  # compiled program per chunk size, not a second one for a shorter last chunk (a new shape
+  # compiles every distinct layer again: 125 s for head-aware's 30 ragged layers at 4k).
+  total = _round_up(padded, chunk)
   if make_cache is None:
     make_cache = functools.partial(
         _dense_cache, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, runner.model.dtype)
-  cache = make_cache(b, bucket(padded + max_new_tokens))
+  # A dense cache writes a chunk's padding columns past its tokens: room for the last chunk.
+  cache = make_cache(b, bucket(max(padded + max_new_tokens, total)))
 
   # Prefill, whole or in chunks; the last chunk's logits give each row's first new token.
   t0 = time.perf_counter()
-  tokens, positions = pad_batch(prompts, padded)
-  chunk = padded if chunk_size is None else chunk_size
+  tokens, positions = pad_batch(prompts, total)
   last_logits = None
-  for start in range(0, padded, chunk):
-    stop = min(start + chunk, padded)
-    tok_c, pos_c = tokens[:, start:stop], positions[:, start:stop]
+  for start in range(0, total, chunk):
+    tok_c, pos_c = tokens[:, start:start + chunk], positions[:, start:start + chunk]
     logits, cache = runner.forward(tok_c, pos_c, cache, last_only=True)
     # A row whose prompt ended in an earlier chunk keeps the logits from that chunk.
     has_tokens = (pos_c >= 0).any(axis=1)

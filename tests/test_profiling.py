@@ -156,9 +156,14 @@ def test_shipped_profile_loads():
     profiles.shipped_profile('gpt-9')
 
 
-# Two seeds at a small probe count: 8 probes of each kind at 512 tokens, induction at 256.
-# Retrieval Spearman between seeds 0 and 1: 0.79 at 4 probes, 0.86 at 6, 0.93 at 8.
-_SMALL = dict(num_probes=8, lengths=(512,), induction_lengths=(256,))
+# Two seeds at a small probe count: 8 probes of each kind at 256 tokens. Retrieval Spearman
+# between seeds 0 and 1 at 512 tokens: 0.79 at 4 probes, 0.86 at 6, 0.93 at 8; at 256 tokens
+# and 8 probes: retrieval 0.95, retrieval_reasoning 0.95, top-10% share 0.84, top two heads
+# (17, 1) and (18, 2) with either seed (as in the shipped profile, probed at 512-1024), at
+# ~40% of the 512-token time. Induction and text probes feed only the induction and local
+# scores, which this test does not check: they are kept short (induction at 64 tokens, text
+# recording 32 rows, the needle probes' shape, so they share its compile).
+_SMALL = dict(num_probes=8, lengths=(256,), induction_lengths=(64,), local_rows=32)
 
 
 @pytest.mark.slow

@@ -72,6 +72,13 @@ _SHARED_PREFILL = flags.DEFINE_bool(
     'shared_prefill', False,
     'One-shot eviction from one prefill per sample shared by every method and budget (a '
     'budget sweep at the cost of one prompt pass; needs --chunk_size >= the longest prompt).')
+_POSITION_MODE = flags.DEFINE_enum(
+    'position_mode', grid.Settings.position_mode, list(grid.POSITION_MODES),
+    "Where compressed caches place keys: 'original' positions; 'cache_relative' (rolled: "
+    "rotated by their slot in the compacted cache, StreamingLLM's positions, so an 8k model "
+    "never sees a position past 8k); 'auto' (default) rolls exactly the samples past the "
+    "model's context; 'both' runs every compressed method in both modes, the rolled cells "
+    "labelled <method>[rolled]. Records say which mode ran; `full` stays original.")
 
 
 def join_brackets(values):
@@ -128,6 +135,7 @@ def settings_from_flags(**overrides) -> grid.Settings:
       shared_prefill=_SHARED_PREFILL.value,
       kv_bits=_KV_BITS.value,
       schemes=None if _SCHEMES.value is None else tuple(join_schemes(_SCHEMES.value)),
+      position_mode=_POSITION_MODE.value,
   )
   values.update(overrides)
   return grid.Settings(**values)

@@ -37,13 +37,18 @@ from headkv_jax import profile as profile_lib
 from models import shared_prefill
 
 GRID_NAMES = ('default', 'quick', 'paper')
+# --position_mode: 'auto' rolls positions (cache_relative) for the samples past the model's
+# trained context and keeps them original inside it; 'both' runs every compressed method in
+# both modes, the rolled cells labelled `<method>[rolled]`.
+POSITION_MODES = ('auto', 'original', 'cache_relative', 'both')
+ROLLED = '[rolled]'
 PERPLEXITY_TASK = 'perplexity'
 PROFILE_PNG = 'head_profile.png'  # copied into each phase directory for the report
 # Settings fields a phase fills from its GRIDS when the user left them unset.
 GRID_FIELDS = ('methods', 'lengths', 'budget', 'budgets', 'tasks', 'num_samples', 'schemes')
 # Settings added after earlier runs were saved, with the value that reproduces those runs: a
 # saved run.json without one of them resumes when the new value is this one.
-ADDED_FLAGS = {'kv_bits': '16', 'schemes': None}
+ADDED_FLAGS = {'kv_bits': '16', 'schemes': None, 'position_mode': 'original'}
 # Most bytes of shared prefills (dense prompt caches + statistics) held at once; a cell then
 # runs over all of them (one compile per cell for up to this many bytes of samples).
 SHARED_BYTES = 8 << 30
@@ -76,6 +81,9 @@ class Settings:
     kv_bits: HAQ-KV storage bits of every cell (`headkv_jax.bits.parse_kv_bits`; '16' = no
       quantization); kept in its canonical text.
     schemes: phase 5's kv_bits schemes (canonical texts); None = the phase's default.
+    position_mode: one of POSITION_MODES: how compressed cells place keys ('original'
+      positions, or 'cache_relative': rolled, rotated by their slot in the compacted cache);
+      'auto' rolls exactly the samples past the model's context; records say which ran.
   """
 
   model: str = 'smollm2-135m'
@@ -97,10 +105,14 @@ class Settings:
   shared_prefill: bool = False
   kv_bits: str = '16'
   schemes: tuple[str, ...] | None = None
+  position_mode: str = 'auto'
 
   def __post_init__(self):
     if self.grid not in GRID_NAMES:
       raise app.UsageError(f'Unknown --grid={self.grid!r}; allowed: {", ".join(GRID_NAMES)}.')
+    if self.position_mode not in POSITION_MODES:
+      raise app.UsageError(f'Unknown --position_mode={self.position_mode!r}; allowed: '
+                           f'{", ".join(POSITION_MODES)}.')
     object.__setattr__(self, 'kv_bits', check_kv_bits(self.kv_bits))
     if self.schemes is not None:
       schemes = [check_kv_bits(s, '--schemes') for s in self.schemes]
@@ -159,15 +171,38 @@ def check_kv_bits(text: str, flag: str = '--kv_bits') -> str:
 
 def method_cells(settings: Settings, budgets: Sequence[int]) -> list[Cell]:
   """`full` once per (task, length) at budget 0; every other method at each of `budgets`;
-  all at `settings.kv_bits`."""
+  all at `settings.kv_bits`, in the position modes of `settings.position_mode` (`full`, whose
+  dense cache rolls nothing, always at original positions)."""
   check_methods(settings.methods, methods.METHODS)
   out = []
   for method in settings.methods:
     for budget in ((0,) if method == 'full' else budgets):
-      spec = methods.MethodSpec(method, budget, kv_bits=settings.kv_bits)
-      out += [Cell(method, spec, task, length, budget)
-              for task in settings.tasks for length in settings.lengths]
+      for label, mode in position_variants(method, settings.position_mode):
+        spec = methods.MethodSpec(method, budget, kv_bits=settings.kv_bits, position_mode=mode)
+        out += [Cell(label, spec, task, length, budget)
+                for task in settings.tasks for length in settings.lengths]
   return out
+
+
+def position_variants(method: str, position_mode: str) -> list[tuple[str, str]]:
+  """`(label, spec position_mode)` of the cells of `method` under --position_mode ('auto'
+  cells start original; `resolve_position_mode` rolls the samples past the context)."""
+  if method == 'full' or position_mode in ('auto', 'original'):
+    return [(method, 'original')]
+  if position_mode == 'cache_relative':
+    return [(method, 'cache_relative')]
+  return [(method, 'original'), (method + ROLLED, 'cache_relative')]
+
+
+def resolve_position_mode(spec: methods.MethodSpec, length: int, settings: Settings,
+                          config) -> methods.MethodSpec:
+  """`spec` as it runs on a `length`-token sample: with --position_mode=auto, a compressed
+  method whose sample (+ the new tokens) is past the model's context rolls its positions."""
+  past = length + settings.max_new_tokens > config.max_position_embeddings
+  if (settings.position_mode == 'auto' and past and spec.name != 'full'
+      and spec.position_mode == 'original'):
+    return dataclasses.replace(spec, position_mode='cache_relative')
+  return spec
 
 
 def parse_int(flag: str, value) -> int:
@@ -333,14 +368,23 @@ def _mesh(runner) -> str:
   return getattr(runner, 'mesh_text', '')
 
 
+def _position_fields(spec: methods.MethodSpec) -> dict:
+  """The record's position mode; `rolled` (a number in the summary: the share of a cell's
+  samples that ran at rolled positions) makes `auto` cells readable from the tables."""
+  return {'position_mode': spec.position_mode, 'rolled': spec.position_mode == 'cache_relative'}
+
+
 Evaluate = Callable[..., dict]
 
 
 def _run_sample(key: tuple, cell: Cell, runner, tokenizer, settings: Settings, profile,
                 evaluate_fn: Evaluate) -> dict:
   """The record of one sample: its metrics, or status 'skipped' and the ValueError's reason."""
+  cell = dataclasses.replace(
+      cell, spec=resolve_position_mode(cell.spec, cell.length, settings, runner.config))
   record = {**dict(zip(results.KEY_FIELDS, key)), 'seed': settings.seed,
-            'spec': _spec_text(cell.spec), 'mesh': _mesh(runner)}
+            'spec': _spec_text(cell.spec), **_position_fields(cell.spec),
+            'mesh': _mesh(runner)}
   options = ({'longbench_dir': settings.longbench_dir}
              if cell.task.startswith(tasks_lib.LONGBENCH_PREFIX) else {})
   try:
@@ -388,7 +432,8 @@ def _run_shared(keys: Sequence[tuple], by_key: dict, runner, tokenizer, settings
 
   def base(cell, i):
     return {**dict(zip(results.KEY_FIELDS, cell.key(i))), 'seed': settings.seed,
-            'spec': _spec_text(cell.spec), 'mesh': _mesh(runner)}
+            'spec': _spec_text(cell.spec), **_position_fields(cell.spec),
+            'mesh': _mesh(runner)}
 
   def run_cells(held):
     for cell in cells:

@@ -7,7 +7,10 @@ Per cell (method, task, length) at one `--budget`: task accuracy (passkey), perp
 (`pydoc_data.topics` streamed through the cache), real cache bytes, peak RSS, prefill seconds
 and decode ms/token. Every cell runs through chunked prefill (`--chunk_size`), so the `full`
 baseline at 20,000 tokens fits in CPU memory; lengths past the model's context (8,192 for
-SmolLM2) run anyway and their records say `past_context: true`.
+SmolLM2) run anyway and their records say `past_context: true`. There the compressed methods
+roll their positions (`--position_mode=auto`: keys rotated by their slot in the compacted cache,
+so the model never sees a position past its context; `--position_mode=both` adds the
+original-position cells as well, the rolled ones labelled `<method>[rolled]`).
 Writes `<output_dir>/phase1/{run.json,results.jsonl,summary.csv}`; rerun to resume.
 """
 

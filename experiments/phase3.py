@@ -39,6 +39,7 @@ VARIANTS = {
     'headaware[pool_kernel=7]': (dict(pool_kernel=7), False),
     'headaware[score=retrieval]': (dict(score_name='retrieval'), False),
     'headaware[pool_fraction=0.5]': (dict(pool_fraction=0.5), False),
+    'headaware[accumulate]': (dict(score_mode='accumulate'), False),
 }
 # The quick grid's components: allocation, profile, sinks, window, GQA reduction.
 QUICK_VARIANTS = ('full', 'headaware', 'headaware[uniform]', 'headaware[shuffled]',

@@ -55,6 +55,8 @@ class MethodSpec:
     pool_kernel: SnapKV max-pool kernel (policy default when None: 7, headaware 21).
     gqa_reduce: "mean" or "max" over a GQA group.
     position_mode: "original" or "cache_relative".
+    score_mode: SnapKV family: "latest" (each call's observation window replaces the scores)
+      or "accumulate" (summed over calls: question-agnostic chunked prefill).
     kv_bits: storage precision per KV head, a :func:`headkv_jax.bits.parse_kv_bits` text
       ("16", "8", "4/2", "kivi2", "roles", "avg:3.5", ...); "16" stores the cache dtype.
   """
@@ -71,6 +73,7 @@ class MethodSpec:
   gqa_reduce: str = "mean"
   position_mode: str = "original"
   kv_bits: str = "16"
+  score_mode: str = "latest"
 
   def __post_init__(self):
     if self.name not in METHODS:
@@ -84,6 +87,9 @@ class MethodSpec:
       raise ValueError(
           f"Unknown scope {self.scope!r}; allowed: {', '.join(allocation_lib.SCOPES)}.")
     bits_lib.parse_kv_bits(self.kv_bits)  # raises naming the text and the allowed forms
+    if self.score_mode not in policies_lib.SCORE_MODES:
+      raise ValueError(f"Unknown score_mode {self.score_mode!r}; allowed: "
+                       f"{', '.join(policies_lib.SCORE_MODES)}.")
 
   @property
   def bit_scheme(self) -> bits_lib.BitScheme:
@@ -91,6 +97,8 @@ class MethodSpec:
 
   def policy(self) -> policies_lib.Policy:
     overrides = dict(gqa_reduce=self.gqa_reduce, position_mode=self.position_mode)
+    if self.score_mode != "latest":
+      overrides["score_mode"] = self.score_mode
     if self.pool_kernel is not None:
       overrides["pool_kernel"] = self.pool_kernel
     if self.window is not None:

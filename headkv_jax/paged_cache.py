@@ -574,7 +574,7 @@ class PagedKVCache:
       return cached_scores, jnp.zeros((b, hkv, t), jnp.float32)
     per = policies_lib.reduce_group(sums, self.policy.gqa_reduce, axis=2)  # [B, Hkv, C + T]
     cached = per[..., :view_len]
-    if self.policy.score_kind == "accumulate":
+    if self.policy.accumulates:
       cached = cached + cached_scores
     return cached, per[..., view_len:]
 

@@ -34,7 +34,10 @@ oracle         caller's answer-attention per slot     ``window`` (default 0)
 ``scores`` is what :meth:`PagedKVCache.attend` collects (``score_kind``): for h2o the
 attention each slot received, summed over all queries so far; for the SnapKV family the
 attention of the last ``window`` queries of the latest call (the observation window), summed
-over those queries. Query heads of a GQA group are reduced to their KV head by ``gqa_reduce``
+over those queries; with ``score_mode="accumulate"`` a SnapKV-family head adds each call's
+window attention to what its slots already had instead (a question-agnostic memory across
+prefill chunks: a token that earlier chunks' windows attended keeps that credit). Query heads
+of a GQA group are reduced to their KV head by ``gqa_reduce``
 per call, so scores are stored once per KV head (for h2o with "max" the accumulated score is
 the sum over calls of each call's group maximum).
 SnapKV pools only over non-forced slots (as the paper pools ``attn[..., :-window]``).
@@ -58,6 +61,7 @@ POLICY_NAMES = (
     "full", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "headaware", "oracle")
 POSITION_MODES = ("original", "cache_relative")
 GQA_REDUCES = ("mean", "max")
+SCORE_MODES = ("latest", "accumulate")
 SNAPKV_FAMILY = ("snapkv", "pyramidkv", "adakv", "headaware")
 # headaware's defaults, tuned on needles at 2k tokens with SmolLM2-135M (see the README):
 # its many small heads keep the attention sinks, and a wider pool keeps the whole needle span.
@@ -81,6 +85,8 @@ class Policy:
     position_mode: "original" (keys stored rotated at their positions) or "cache_relative"
       (keys stored un-rotated and rotated by their slot at attention time, StreamingLLM).
     alpha: adakv's uniform share (default 0.2).
+    score_mode: SnapKV family: "latest" (default; each call's observation window replaces the
+      slots' scores, SnapKV) or "accumulate" (added to them, summed over calls).
   """
 
   name: str = "full"
@@ -90,11 +96,16 @@ class Policy:
   gqa_reduce: str = "mean"
   position_mode: str = "original"
   alpha: float = 0.2
+  score_mode: str = "latest"
 
   def __post_init__(self):
     _check_choice("policy", self.name, POLICY_NAMES)
     _check_choice("position_mode", self.position_mode, POSITION_MODES)
     _check_choice("gqa_reduce", self.gqa_reduce, GQA_REDUCES)
+    _check_choice("score_mode", self.score_mode, SCORE_MODES)
+    if self.score_mode != "latest" and self.name not in SNAPKV_FAMILY:
+      raise ValueError(f"score_mode={self.score_mode!r} is for the SnapKV family "
+                       f"({', '.join(SNAPKV_FAMILY)}), not policy {self.name!r}.")
     if self.n_sink < 0:
       raise ValueError(f"n_sink must be >= 0, got {self.n_sink}.")
     if self.window < 0:
@@ -112,6 +123,12 @@ class Policy:
     if self.name in SNAPKV_FAMILY:
       return "window"
     return "none"
+
+  @property
+  def accumulates(self) -> bool:
+    """Whether a call's statistic adds to the slots' earlier scores (h2o; the SnapKV family
+    with ``score_mode="accumulate"``) rather than replacing them."""
+    return self.score_kind == "accumulate" or self.score_mode == "accumulate"
 
   @property
   def adaptive(self) -> bool:
@@ -268,7 +285,7 @@ def reduce_group(x, gqa_reduce: str, axis: int):
 
 
 __all__ = [
-    "POLICY_NAMES", "POSITION_MODES", "GQA_REDUCES", "SNAPKV_FAMILY", "HEADAWARE_POOL_KERNEL",
+    "POLICY_NAMES", "POSITION_MODES", "GQA_REDUCES", "SCORE_MODES", "SNAPKV_FAMILY", "HEADAWARE_POOL_KERNEL",
     "Policy", "make_policy",
     "pyramid_budgets", "recent_counts", "forced_mask", "max_pool", "priorities", "select_keep",
     "compact", "reduce_group",

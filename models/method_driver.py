@@ -53,6 +53,36 @@ def supports_shared_prefill(spec: methods_lib.MethodSpec) -> bool:
   return spec.name != "oracle" and spec.position_mode == "original"
 
 
+def rolled_budget_cap(spec: methods_lib.MethodSpec, max_positions: int, max_len: int,
+                      chunk: int) -> int:
+  """The most tokens a head may keep in ``position_mode="cache_relative"`` so that no rotation
+  reaches ``max_positions`` (the model's trained context).
+
+  A rolled key is rotated by its slot among its head's tokens, and a head holds up to its
+  budget plus one prefill chunk (``chunk``) before it evicts, so slots stay below
+  ``budget + chunk``. While the whole sequence (``max_len``) fits the context nothing needs
+  capping (a slot never exceeds the tokens seen); past it, every head keeps at most
+  ``max_positions - chunk`` (what a capped head cannot hold goes to the others, as with any
+  cap of :func:`headkv_jax.allocation.allocate_budgets`).
+  """
+  if max_len <= max_positions:
+    return max_len
+  if spec.name == "full":
+    raise ValueError(
+        f"Method 'full' keeps every token, so in position_mode='cache_relative' its slots reach "
+        f"the sequence length ({max_len}), past max_position_embeddings={max_positions}; use a "
+        "compressing method, or position_mode='original'.")
+  cap = max_positions - chunk
+  floor = spec.policy().min_budget
+  if cap < max(floor, 1):
+    raise ValueError(
+        f"position_mode='cache_relative' past the trained context keeps each head's slots below "
+        f"max_position_embeddings={max_positions}, so a head may hold at most "
+        f"{max_positions} - chunk_size {chunk} = {cap} tokens, below method {spec.name!r}'s "
+        f"minimum {floor}; prefill in smaller chunks (chunk_size < {max_positions - floor}).")
+  return cap
+
+
 def record_window(specs) -> int:
   """How many last queries a recording prefill must keep for ``specs`` (their largest
   SnapKV-style observation window; 0 when none needs one)."""
@@ -100,7 +130,8 @@ class MethodDriver:
     Args:
       spec: the method.
       config: the model's config (layers, KV heads, head dim).
-      prompt_len: the longest prompt; budgets are capped at its bucket + ``max_new_tokens``.
+      prompt_len: the longest prompt; budgets are capped at its bucket + ``max_new_tokens``
+        (in ``cache_relative`` mode past the context, also by :func:`rolled_budget_cap`).
       max_new_tokens: tokens to generate.
       chunk_size: prefill chunk in tokens, or None for one call over the whole prompt.
       dtype: the cache dtype.
@@ -116,10 +147,12 @@ class MethodDriver:
     if chunk_size is not None and chunk_size <= 0:
       raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     padded = generation.bucket(prompt_len)
-    plan = methods_lib.plan_cache(spec, config.num_layers, config.num_kv_heads,
-                                  max_len=generation.budget_cap(prompt_len, max_new_tokens),
-                                  profile=profile)
     chunk = padded if chunk_size is None else min(chunk_size, padded)
+    cap = generation.budget_cap(prompt_len, max_new_tokens)
+    if spec.position_mode == "cache_relative":
+      cap = rolled_budget_cap(spec, config.max_position_embeddings, cap, chunk)
+    plan = methods_lib.plan_cache(spec, config.num_layers, config.num_kv_heads, max_len=cap,
+                                  profile=profile)
     scores = None if oracle_scores is None else tuple(oracle_scores)
     return cls(plan, config, dtype, chunk, chunk_size is None, scores)
 
@@ -242,6 +275,7 @@ def _compress_recorded(recorded, plan: methods_lib.CachePlan):
                                       **plan.paged_kwargs())
 
 
-__all__ = ["MethodDriver", "method_hooks", "supports_shared_prefill", "record_window",
+__all__ = ["MethodDriver", "method_hooks", "supports_shared_prefill", "rolled_budget_cap",
+           "record_window",
            "recording_cache_maker", "evict_while_decoding", "compress_chunk",
            "rechunk_for_decoding"]

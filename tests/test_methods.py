@@ -1,5 +1,6 @@
 """Methods by name: budgets from a spec, caches the model decodes with, rechunking."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -200,3 +201,56 @@ def test_bad_kv_bits_are_named():
   with pytest.raises(ValueError, match="profile"):
     methods.make_cache(methods.MethodSpec("snapkv", 64, kv_bits="roles"), num_layers=3,
                        num_kv_heads=2, head_dim=8, batch=1, capacity=256, chunk_size=64)
+
+
+def _seen_rotations(monkeypatch):
+  """Patches RoPE so every rotation (the model's and the cache's) records the largest position
+  it used; returns the list the records go to. Run the code under ``jax.disable_jit()``:
+  positions are then concrete, so no callback out of a compiled program is needed."""
+  from headkv_jax import rope as rope_lib
+
+  seen = []
+  original = rope_lib.RoPE.cos_sin
+
+  def cos_sin(self, positions):
+    seen.append(int(np.max(np.asarray(positions), initial=-1)))
+    return original(self, positions)
+
+  monkeypatch.setattr(rope_lib.RoPE, "cos_sin", cos_sin)
+  return seen
+
+
+@pytest.mark.parametrize("name", ["h2o", "headaware"])
+def test_rolled_positions_stay_inside_the_trained_context(monkeypatch, name):
+  """A tiny model with a 64-position context, run over 150-token prompts + 3 new tokens in
+  cache_relative mode with chunks of 16, never rotates by a position >= 64: a budget of 56
+  would put slots up to 56 + 16 > 64, so heads are capped at 64 - 16 = 48 (without the cap
+  this fails); heads do fill up to the cap (the check sees the slots)."""
+  import dataclasses
+
+  cfg = dataclasses.replace(CFG, max_position_embeddings=64)
+  runner = ModelRunner(Llama(cfg, rngs=nnx.Rngs(5)))
+  profile = tiny_models.tiny_profile(6, [[0, 2], [1, 2], [2, 0]])
+  seen = _seen_rotations(monkeypatch)
+  spec = methods.MethodSpec(name, 56, window=4, n_sink=2, position_mode="cache_relative")
+  hooks = method_hooks(spec, cfg, prompt_len=150, max_new_tokens=3, chunk_size=16,
+                       dtype=np.float32, profile=profile)
+  with jax.disable_jit():
+    out = generate(runner, _prompts(), 3, eos_ids=[], allow_long_context=True, **hooks)
+  assert all(len(t) == 3 for t in out.tokens)
+  assert np.asarray(out.cache.budgets).max() <= 64 - 16
+  assert 48 <= max(seen) < 64, max(seen)
+
+
+def test_rolled_positions_past_the_context_need_small_chunks():
+  """One-shot (or a chunk near the context) cannot keep rolled slots inside it: a clear error."""
+  import dataclasses
+
+  cfg = dataclasses.replace(CFG, max_position_embeddings=64)
+  spec = methods.MethodSpec("snapkv", 40, window=4, position_mode="cache_relative")
+  with pytest.raises(ValueError, match=r"max_position_embeddings=64.*chunk_size"):
+    method_hooks(spec, cfg, prompt_len=150, max_new_tokens=8, chunk_size=None,
+                 dtype=np.float32)
+  with pytest.raises(ValueError, match="'full' keeps every token"):
+    method_hooks(methods.MethodSpec("full", kv_bits="4", position_mode="cache_relative"), cfg,
+                 prompt_len=150, max_new_tokens=8, chunk_size=16, dtype=np.float32)

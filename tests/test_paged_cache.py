@@ -390,14 +390,17 @@ def test_headroom_compress_amortises_decode_eviction():
   assert int(cache.layers[0].lengths[0, 0]) == 12 and int(cache.layers[0].dropped[0, 0]) == 1
 
 
-@pytest.mark.parametrize("name, gqa_reduce", [("h2o", "mean"), ("h2o", "max"),
-                                              ("snapkv", "mean"), ("adakv", "max")])
-def test_collected_scores_match_numpy(name, gqa_reduce):
-  """H2O accumulates every query's attention; SnapKV keeps the last window's; GQA reduced."""
+@pytest.mark.parametrize("name, gqa_reduce, score_mode", [
+    ("h2o", "mean", "latest"), ("h2o", "max", "latest"), ("snapkv", "mean", "latest"),
+    ("adakv", "max", "latest"), ("headaware", "mean", "accumulate")])
+def test_collected_scores_match_numpy(name, gqa_reduce, score_mode):
+  """H2O accumulates every query's attention; SnapKV keeps the last window's, or with
+  score_mode="accumulate" sums every call's window; GQA reduced."""
   batch, t, hq, hkv, window = 2, 12, 6, 3, 4
   stack = random_stack(10, 1, batch, t, hq, hkv)
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
-  policy = policies.make_policy(name, window=window, gqa_reduce=gqa_reduce)
+  policy = policies.make_policy(name, window=window, gqa_reduce=gqa_reduce,
+                                score_mode=score_mode)
   cache = PagedKVCache.create(1, batch, hkv, D, np.array([[12, 16, 12]]), policy,
                               chunk_size=8, dtype=jnp.float32, page_size=4)
   _, probs = dense_reference(*stack[0], positions, with_probs=True)  # [B, Hq, T, T]
@@ -407,6 +410,8 @@ def test_collected_scores_match_numpy(name, gqa_reduce):
     _, cache = cache.attend(0, q, k, v, positions[:, s:e], ROPE)
   # h2o sums each call's group-reduced attention; SnapKV keeps the last call's last window.
   calls = chunks if name == "h2o" else [(t - window, t)]
+  if score_mode == "accumulate":
+    calls = [(e - window, e) for _, e in chunks]
   want = 0
   for s, e in calls:
     per = probs[:, :, s:e].sum(axis=2).reshape(batch, hkv, hq // hkv, t)  # [B, Hkv, G, T]
@@ -437,3 +442,51 @@ def test_bfloat16_pages_stay_close_to_float32():
                           ROPE)
     outs[dtype] = np.asarray(o[0], np.float32)
   np.testing.assert_allclose(outs[jnp.bfloat16], outs[jnp.float32], atol=5e-2)
+
+
+def _rotated(x, pos):
+  """RoPE of ``x [N, D]`` at positions ``pos [N]`` in float64 (HF rotate_half layout)."""
+  cos, sin = (np.asarray(a, np.float64) for a in ROPE.cos_sin(jnp.asarray(pos)))
+  half = x.shape[-1] // 2
+  return x * cos + np.concatenate([-x[:, half:], x[:, :half]], axis=-1) * sin
+
+
+@pytest.mark.parametrize("name", [n for n in policies.POLICY_NAMES if n != "full"])
+def test_rolled_positions_equal_dense_attention_at_slots(name):
+  """cache_relative (rolled) mode after evictions: a new token's attention equals dense
+  attention over its KV head's kept keys placed at positions 0..n-1 and the token at n, per
+  KV head (the kept sets differ between heads), in a ragged batch with GQA."""
+  layers, batch, t, hq, hkv, chunk = 2, 2, 23, 6, 3, 5
+  stack = random_stack(11, layers, batch, t + 1, hq, hkv)
+  lengths = np.array([t, 17])  # row 1 right padded
+  positions = np.where(np.arange(t) < lengths[:, None], np.arange(t), -1).astype(np.int32)
+  budgets = np.array([[8, 8, 8], [12, 8, 7]])  # a uniform and a ragged layer
+  policy = policies.make_policy(name, window=2, position_mode="cache_relative",
+                                **({"n_sink": 1} if name in ("streamingllm", "h2o") else {}))
+  oracle = make_oracle(12, layers, batch, hq, t + 1) if name == "oracle" else None
+  cache = PagedKVCache.create(layers, batch, hkv, D, budgets, policy, chunk_size=chunk,
+                              dtype=jnp.float32, page_size=4)
+  _, cache = run_stack(cache, stack, jnp.asarray(positions), spans("chunked", t, chunk, 0),
+                       oracle)
+  assert (np.asarray(cache.logical_tokens) < lengths[None, :, None]).any()  # it evicted
+  step_pos = jnp.asarray(lengths[:, None], jnp.int32)  # each row's next position
+  group = hq // hkv
+  for layer, (q, k, v) in enumerate(stack):
+    kc, vc, _, _, _ = cache.view(layer)  # kept keys, stored un-rotated
+    n = np.asarray(cache.layers[layer].lengths)
+    qs, ks, vs = (x[np.arange(batch), lengths][:, None] for x in (q, k, v))  # [B, 1, H, D]
+    out, _ = cache.attend(layer, qs, ks, vs, step_pos, ROPE)
+    for b in range(batch):
+      for h in range(hq):
+        kv = h // group
+        m = int(n[b, kv])
+        keys = np.concatenate([np.asarray(kc[b, kv, :m], np.float64),
+                               np.asarray(ks[b, 0, kv:kv + 1], np.float64)])
+        vals = np.concatenate([np.asarray(vc[b, kv, :m], np.float64),
+                               np.asarray(vs[b, 0, kv:kv + 1], np.float64)])
+        keys = _rotated(keys, np.arange(m + 1))
+        query = _rotated(np.asarray(qs[b, 0, h:h + 1], np.float64), np.array([m]))
+        logits = (query @ keys.T)[0] / np.sqrt(D)
+        p = np.exp(logits - logits.max())
+        np.testing.assert_allclose(out[b, 0, h], (p / p.sum()) @ vals, atol=1e-5,
+                                   err_msg=f"layer {layer} row {b} head {h}")

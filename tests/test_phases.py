@@ -192,6 +192,33 @@ def test_kv_bits_reach_the_cells():
     phase3.variant_cell('headaware[kv_bits=4/8]', 64, 'passkey', 500)
 
 
+def test_position_modes_reach_the_records(model, profile_path, tmp_path):
+  """--position_mode=auto rolls exactly the compressed samples past the model's context (512
+  positions here); 'both' runs each compressed method in both modes under two labels; every
+  record says which mode ran, and `full` stays at original positions."""
+  runner, tokenizer = model
+
+  def fake(runner, tokenizer, sample, cell, settings, profile):
+    return {'accuracy': 1.0, 'ran': cell.spec.position_mode}
+
+  def run(directory, mode):
+    settings = _settings(directory, profile_path, methods=('full', 'h2o'), budget=64,
+                         lengths=(256, 600), position_mode=mode)
+    phase1.run(settings, runner=runner, tokenizer=tokenizer, evaluate_fn=fake, progress=False)
+    records = _records(directory, 'phase1')
+    assert all(r['position_mode'] == r['ran'] for r in records)
+    return {(r['method'], r['length']): r['position_mode'] for r in records}
+
+  o, rolled = 'original', 'cache_relative'
+  assert run(tmp_path / 'auto', 'auto') == {
+      ('full', 256): o, ('full', 600): o, ('h2o', 256): o, ('h2o', 600): rolled}
+  assert run(tmp_path / 'both', 'both') == {
+      ('full', 256): o, ('full', 600): o, ('h2o', 256): o, ('h2o', 600): o,
+      ('h2o[rolled]', 256): rolled, ('h2o[rolled]', 600): rolled}
+  with pytest.raises(app.UsageError, match="position_mode='rolling'.*auto, original"):
+    grid.Settings(position_mode='rolling')
+
+
 def test_phase5_cells_and_labels(profile_path, tmp_path):
   settings = _settings(tmp_path, profile_path, tasks=None, num_samples=None, lengths=None,
                        grid='default').with_defaults(phase5.GRIDS)

@@ -80,7 +80,7 @@ def _answer_record(runner: ModelRunner, tokenizer, sample, out, max_new_tokens: 
   record = {
       "accuracy": float(sample.score(text)),
       "prompt_tokens": len(prompt),
-      "past_context": len(prompt) + max_new_tokens > cfg.max_position_embeddings,
+      "past_context": cfg.past_context(len(prompt) + max_new_tokens),
       "prefill_s": out.prefill_s,
       "prefill_tok_per_s": len(prompt) / out.prefill_s if out.prefill_s else None,
       "decode_ms_per_token": (1e3 * out.decode_s / out.decode_steps
@@ -126,7 +126,7 @@ def evaluate_perplexity(runner: ModelRunner, sample, spec: methods.MethodSpec, *
       cache = compress(cache)
   seconds = time.perf_counter() - start_t
   record = {"perplexity": math.exp(nll / count), "nll_per_token": nll / count,
-            "prompt_tokens": n, "past_context": n > cfg.max_position_embeddings,
+            "prompt_tokens": n, "past_context": cfg.past_context(n),
             "prefill_s": seconds, "peak_rss_bytes": results.peak_rss_bytes()}
   record.update(_cache_metrics(cache))
   return record

@@ -198,9 +198,8 @@ def resolve_position_mode(spec: methods.MethodSpec, length: int, settings: Setti
                           config) -> methods.MethodSpec:
   """`spec` as it runs on a `length`-token sample: with --position_mode=auto, a compressed
   method whose sample (+ the new tokens) is past the model's context rolls its positions."""
-  past = length + settings.max_new_tokens > config.max_position_embeddings
-  if (settings.position_mode == 'auto' and past and spec.name != 'full'
-      and spec.position_mode == 'original'):
+  if (settings.position_mode == 'auto' and config.past_context(length + settings.max_new_tokens)
+      and spec.name != 'full' and spec.position_mode == 'original'):
     return dataclasses.replace(spec, position_mode='cache_relative')
   return spec
 

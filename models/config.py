@@ -65,6 +65,10 @@ class LlamaConfig:
       )
     rope_lib.rope_type_of(self.rope_scaling)  # raises on unsupported rope types
 
+  def past_context(self, num_tokens: int) -> bool:
+    """Whether a sequence of `num_tokens` (prompt + new tokens) passes the trained context."""
+    return num_tokens > self.max_position_embeddings
+
   @property
   def group_size(self) -> int:
     """Query heads per KV head."""

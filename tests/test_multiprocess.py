@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import FAST_COMPILE_XLA_FLAGS
 from tests.test_sharding import ROOT, TOL
 
 # jaxlib builds without gloo cannot run CPU collectives across processes.
@@ -41,8 +42,7 @@ def test_two_processes_decode_the_single_process_tokens():
   and final cache that one process gets alone, the decode block keeps its state sharding,
   and the model-axis all-reduces really cross processes (2 processes, 2 devices)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_backend_optimization_level=0 "
-                       "--xla_llvm_disable_expensive_passes=true")
+             XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)
   address = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen(
       [sys.executable, "-m", "tests.mesh_worker", "--meshes=,model:2", "--methods=full",

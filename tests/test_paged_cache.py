@@ -57,16 +57,40 @@ def spans(drive, t, chunk, prefill):
   return [(0, prefill)] + [(s, s + 1) for s in range(prefill, t)]
 
 
-def run_stack(cache, stack, positions, span_list, oracle=None, on_compress=None):
-  """Feeds the stack span by span, compressing after each; returns per-layer outputs."""
+@jax.jit
+def attend_layers(cache, qkv, positions, rope):
+  """Every layer attends (``qkv`` per layer); the cache is not compressed."""
+  outs = []
+  for layer, (q, k, v) in enumerate(qkv):
+    o, cache = cache.attend(layer, q, k, v, positions, rope)
+    outs.append(o)
+  return outs, cache
+
+
+compress_jit = jax.jit(lambda cache, oracle=None: cache.compress(oracle))
+view_jit = jax.jit(lambda cache, layer: cache.view(layer), static_argnums=1)
+
+
+def run_stack(cache, stack, positions, span_list, oracle=None, on_compress=None, eager=False):
+  """Feeds the stack span by span, compressing after each; returns per-layer outputs.
+
+  Jitted per span (one compile per cache structure and span length, reused across spans);
+  ``eager=True`` runs every op eagerly (the reference the jit tests compare against).
+  """
   outs = [[] for _ in stack]
   for s, e in span_list:
-    for layer, (q, k, v) in enumerate(stack):
-      o, cache = cache.attend(layer, q[:, s:e], k[:, s:e], v[:, s:e], positions[:, s:e], ROPE)
-      outs[layer].append(o)
+    if eager:
+      for layer, (q, k, v) in enumerate(stack):
+        o, cache = cache.attend(layer, q[:, s:e], k[:, s:e], v[:, s:e], positions[:, s:e], ROPE)
+        outs[layer].append(o)
+    else:
+      o, cache = attend_layers(cache, [tuple(x[:, s:e] for x in qkv) for qkv in stack],
+                               positions[:, s:e], ROPE)
+      for layer, x in enumerate(o):
+        outs[layer].append(x)
     if on_compress is not None:
       on_compress(cache)
-    cache = cache.compress(oracle)
+    cache = cache.compress(oracle) if eager else compress_jit(cache, oracle)
   return [jnp.concatenate(o, axis=1) for o in outs], cache
 
 
@@ -104,7 +128,7 @@ def test_matches_dense_when_budgets_cover_the_sequence(name):
         np.testing.assert_allclose(out, ref, atol=1e-5, err_msg=f"{mode} {drive}")
       np.testing.assert_array_equal(cache.logical_tokens, t)
       for layer in range(layers):  # slots == positions: nothing was evicted or reordered
-        _, _, pos, _, _ = cache.view(layer)
+        _, _, pos, _, _ = cache.view(layer)  # eager: its ops are shared by every policy
         np.testing.assert_array_equal(pos[..., :t], np.broadcast_to(np.arange(t), (batch, hkv, t)))
 
 
@@ -113,7 +137,7 @@ def reference_choices(pre, oracle):
   compress."""
   out = []
   for layer in range(len(pre.layers)):
-    _, _, pos, scores, _ = pre.view(layer)
+    _, _, pos, scores, _ = view_jit(pre, layer)
     if oracle is not None:  # answer attention by position, GQA group mean, at each slot
       b, hkv = pos.shape[:2]
       by_pos = np.asarray(oracle[layer]).reshape(b, hkv, -1, oracle[layer].shape[-1]).mean(2)
@@ -151,7 +175,7 @@ def test_eviction_invariants_and_reference_choice(policy):
 
   def record(pre):
     checks.extend(reference_choices(pre, oracle))
-    posts.append(pre.compress(oracle))
+    posts.append(compress_jit(pre, oracle))
 
   run_stack(cache, stack, jnp.asarray(positions), span_list, oracle, on_compress=record)
   assert len(checks) == layers * len(span_list)
@@ -159,7 +183,7 @@ def test_eviction_invariants_and_reference_choice(policy):
     for layer in range(layers):
       pre_pos, keep = checks[i * layers + layer]
       lc = post.layers[layer]
-      _, _, pos, _, _ = post.view(layer)
+      _, _, pos, _, _ = view_jit(post, layer)
       pos, n = np.asarray(pos), np.asarray(lc.lengths)
       row_budgets = np.array(budgets[layer])
       if policy.adaptive:
@@ -271,7 +295,8 @@ def test_jit_decode_matches_eager():
                               dtype=jnp.float32, page_size=4)
 
   step = jax.jit(lambda *args: jit_step.__wrapped__(*args))  # its own compilations to count
-  eager_outs, eager_cache = run_stack(cache, stack, positions, spans("decode", t, 8, 8))
+  eager_outs, eager_cache = run_stack(cache, stack, positions, spans("decode", t, 8, 8),
+                                      eager=True)
   jit_outs = [[] for _ in stack]
   for s, e in spans("decode", t, 8, 8):
     outs, cache = step(cache, [(q[:, s:e], k[:, s:e], v[:, s:e]) for q, k, v in stack],
@@ -371,11 +396,12 @@ def test_headroom_compress_amortises_decode_eviction():
   positions = jnp.arange(t, dtype=jnp.int32)[None]
   cache = PagedKVCache.create(layers, batch, hkv, D, 8, policies.make_policy("h2o"),
                               chunk_size=chunk, dtype=jnp.float32, page_size=4)
+  compress = jax.jit(lambda c: c.compress(headroom=1))
   counts = []
   for s in range(t):
     sl = slice(s, s + 1)
-    _, cache = cache.attend(0, q[:, sl], k[:, sl], v[:, sl], positions[:, sl], ROPE)
-    cache = cache.compress(headroom=1)
+    _, cache = attend_layers(cache, [(q[:, sl], k[:, sl], v[:, sl])], positions[:, sl], ROPE)
+    cache = compress(cache)
     counts.append(int(cache.logical_tokens[0, 0, 0]))
   # The region holds budget + chunk = 12: evict back to 8 only when it is full.
   assert counts == list(range(1, 12)) + [8, 9, 10, 11] * 2 + [8]
@@ -386,7 +412,8 @@ def test_headroom_compress_amortises_decode_eviction():
   assert int(cache.layers[0].dropped.sum()) == 0
   for s in range(4, 9):  # skipping compress overflows the region: counted, never silent
     sl = slice(s, s + 1)
-    _, cache = cache.attend(0, q[:, sl], k[:, sl], v[:, sl], positions[:, sl] + 20, ROPE)
+    _, cache = attend_layers(cache, [(q[:, sl], k[:, sl], v[:, sl])], positions[:, sl] + 20,
+                             ROPE)
   assert int(cache.layers[0].lengths[0, 0]) == 12 and int(cache.layers[0].dropped[0, 0]) == 1
 
 
@@ -406,8 +433,8 @@ def test_collected_scores_match_numpy(name, gqa_reduce, score_mode):
   _, probs = dense_reference(*stack[0], positions, with_probs=True)  # [B, Hq, T, T]
   chunks = [(0, 8), (8, 12)]
   for s, e in chunks:
-    q, k, v = (x[:, s:e] for x in stack[0])
-    _, cache = cache.attend(0, q, k, v, positions[:, s:e], ROPE)
+    _, cache = attend_layers(cache, [tuple(x[:, s:e] for x in stack[0])], positions[:, s:e],
+                             ROPE)
   # h2o sums each call's group-reduced attention; SnapKV keeps the last call's last window.
   calls = chunks if name == "h2o" else [(t - window, t)]
   if score_mode == "accumulate":
@@ -471,11 +498,11 @@ def test_rolled_positions_equal_dense_attention_at_slots(name):
   assert (np.asarray(cache.logical_tokens) < lengths[None, :, None]).any()  # it evicted
   step_pos = jnp.asarray(lengths[:, None], jnp.int32)  # each row's next position
   group = hq // hkv
-  for layer, (q, k, v) in enumerate(stack):
-    kc, vc, _, _, _ = cache.view(layer)  # kept keys, stored un-rotated
+  new = [tuple(x[np.arange(batch), lengths][:, None] for x in qkv) for qkv in stack]
+  outs, _ = attend_layers(cache, new, step_pos, ROPE)  # every layer's new token, [B, 1, H, D]
+  for layer, ((qs, ks, vs), out) in enumerate(zip(new, outs)):
+    kc, vc, _, _, _ = view_jit(cache, layer)  # kept keys, stored un-rotated
     n = np.asarray(cache.layers[layer].lengths)
-    qs, ks, vs = (x[np.arange(batch), lengths][:, None] for x in (q, k, v))  # [B, 1, H, D]
-    out, _ = cache.attend(layer, qs, ks, vs, step_pos, ROPE)
     for b in range(batch):
       for h in range(hq):
         kv = h // group

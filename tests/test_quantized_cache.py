@@ -96,6 +96,20 @@ def test_attention_over_quantized_slots_equals_dequantized_reference(kv):
   np.testing.assert_allclose(out[:, 0], want, atol=1e-5)
 
 
+@jax.jit
+def _held_raw(c):
+  """Per layer: (positions [B, Hkv, C], the raw K/V stores at those slots); moves codes and
+  scales only (no arithmetic), so the bits compared below are the stored ones."""
+  out = []
+  for layer in range(len(c.layers)):
+    pos, _, idx = c.slot_view(layer)
+    out.append((pos, c.raw_view(layer, idx)))
+  return out
+
+
+_rechunk_1 = jax.jit(lambda c: c.rechunk(1))
+
+
 @pytest.mark.parametrize("policy, kv", [
     (policies.make_policy("h2o", n_sink=1), (4, 2)),
     (policies.make_policy("snapkv", window=2, pool_kernel=3), (2, 2)),
@@ -116,9 +130,7 @@ def test_kept_tokens_never_change_across_evictions(policy, kv):
   seen = [np.full((batch, hkv, t, 2, D), np.nan, np.float32) for _ in range(layers)]
 
   def check(c):  # every held position's dequantized K, V equal what it was when first seen
-    for layer in range(layers):
-      pos, _, idx = c.slot_view(layer)
-      (k, v), = c.raw_view(layer, idx)
+    for layer, (pos, ((k, v),)) in enumerate(_held_raw(c)):
       kv = np.stack([np.asarray(slot_store.decode(k, kv_bits[0], 4, jnp.float32)),
                      np.asarray(slot_store.decode(v, kv_bits[1], 4, jnp.float32))], axis=3)
       b, h, s = np.nonzero(np.asarray(pos) >= 0)
@@ -132,7 +144,7 @@ def test_kept_tokens_never_change_across_evictions(policy, kv):
     _, cache = run_stack(cache, [tuple(x[:, s:e] for x in qkv) for qkv in stack],
                          positions[:, s:e], [(0, e - s)], on_compress=check)
     check(cache)
-  cache = cache.rechunk(1)
+  cache = _rechunk_1(cache)
   check(cache)
   for s in range(18, t):
     _, cache = run_stack(cache, [tuple(x[:, s:s + 1] for x in qkv) for qkv in stack],
@@ -217,7 +229,7 @@ def test_jit_decode_with_quantized_heads_matches_eager():
                               chunk_size=8, dtype=jnp.float32, page_size=4,
                               bits=np.array([[[4, 2], [8, 8]], [[2, 2], [2, 2]]]),
                               quant_group=4, residual=2)
-  eager, _ = run_stack(cache, stack, positions, spans("decode", t, 8, 8))
+  eager, _ = run_stack(cache, stack, positions, spans("decode", t, 8, 8), eager=True)
   jitted = [[] for _ in stack]
   for s, e in spans("decode", t, 8, 8):
     outs, cache = jit_step(cache, [tuple(x[:, s:e] for x in qkv) for qkv in stack],

@@ -57,9 +57,8 @@ def spans(drive, t, chunk, prefill):
   return [(0, prefill)] + [(s, s + 1) for s in range(prefill, t)]
 
 
-@jax.jit
-def attend_layers(cache, qkv, positions, rope):
-  """Every layer attends (``qkv`` per layer); the cache is not compressed."""
+def _attend_every_layer(cache, qkv, positions, rope):
+  """Every layer attends (``qkv`` per layer) -> (per-layer outputs, cache); no compression."""
   outs = []
   for layer, (q, k, v) in enumerate(qkv):
     o, cache = cache.attend(layer, q, k, v, positions, rope)
@@ -67,6 +66,7 @@ def attend_layers(cache, qkv, positions, rope):
   return outs, cache
 
 
+attend_layers = jax.jit(_attend_every_layer)
 compress_jit = jax.jit(lambda cache, oracle=None: cache.compress(oracle))
 view_jit = jax.jit(lambda cache, layer: cache.view(layer), static_argnums=1)
 
@@ -79,15 +79,11 @@ def run_stack(cache, stack, positions, span_list, oracle=None, on_compress=None,
   """
   outs = [[] for _ in stack]
   for s, e in span_list:
-    if eager:
-      for layer, (q, k, v) in enumerate(stack):
-        o, cache = cache.attend(layer, q[:, s:e], k[:, s:e], v[:, s:e], positions[:, s:e], ROPE)
-        outs[layer].append(o)
-    else:
-      o, cache = attend_layers(cache, [tuple(x[:, s:e] for x in qkv) for qkv in stack],
-                               positions[:, s:e], ROPE)
-      for layer, x in enumerate(o):
-        outs[layer].append(x)
+    attend = _attend_every_layer if eager else attend_layers
+    o, cache = attend(cache, [tuple(x[:, s:e] for x in qkv) for qkv in stack],
+                      positions[:, s:e], ROPE)
+    for layer, x in enumerate(o):
+      outs[layer].append(x)
     if on_compress is not None:
       on_compress(cache)
     cache = cache.compress(oracle) if eager else compress_jit(cache, oracle)
@@ -97,10 +93,7 @@ def run_stack(cache, stack, positions, span_list, oracle=None, on_compress=None,
 @jax.jit
 def jit_step(cache, qkv, positions, rope):
   """One model-like step: every layer attends (``qkv`` per layer), then the cache compresses."""
-  outs = []
-  for layer, (q, k, v) in enumerate(qkv):
-    o, cache = cache.attend(layer, q, k, v, positions, rope)
-    outs.append(o)
+  outs, cache = _attend_every_layer(cache, qkv, positions, rope)
   return outs, cache.compress()
 
 

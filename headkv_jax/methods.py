@@ -96,9 +96,8 @@ class MethodSpec:
     return bits_lib.parse_kv_bits(self.kv_bits)
 
   def policy(self) -> policies_lib.Policy:
-    overrides = dict(gqa_reduce=self.gqa_reduce, position_mode=self.position_mode)
-    if self.score_mode != "latest":
-      overrides["score_mode"] = self.score_mode
+    overrides = dict(gqa_reduce=self.gqa_reduce, position_mode=self.position_mode,
+                     score_mode=self.score_mode)
     if self.pool_kernel is not None:
       overrides["pool_kernel"] = self.pool_kernel
     if self.window is not None:

@@ -285,7 +285,8 @@ def reduce_group(x, gqa_reduce: str, axis: int):
 
 
 __all__ = [
-    "POLICY_NAMES", "POSITION_MODES", "GQA_REDUCES", "SCORE_MODES", "SNAPKV_FAMILY", "HEADAWARE_POOL_KERNEL",
+    "POLICY_NAMES", "POSITION_MODES", "GQA_REDUCES", "SCORE_MODES", "SNAPKV_FAMILY",
+    "HEADAWARE_POOL_KERNEL",
     "Policy", "make_policy",
     "pyramid_budgets", "recent_counts", "forced_mask", "max_pool", "priorities", "select_keep",
     "compact", "reduce_group",

@@ -80,19 +80,19 @@ def budget_cap(prompt_len: int, max_new_tokens: int) -> int:
   return bucket(prompt_len) + max_new_tokens
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], max_positions: int, max_new_tokens: int,
+def check_prompts(prompts: Sequence[Sequence[int]], config, max_new_tokens: int,
                   allow_long_context: bool) -> None:
-  """Raises a clear error for empty prompts or ones past the model's trained context."""
+  """Raises a clear error for empty prompts or ones past ``config``'s trained context."""
   if not prompts:
     raise ValueError("No prompts given; pass at least one non-empty prompt.")
   for i, p in enumerate(prompts):
     if len(p) == 0:
       raise ValueError(f"Prompt {i} is empty; every prompt needs at least one token.")
     total = len(p) + max_new_tokens
-    if total > max_positions and not allow_long_context:
+    if config.past_context(total) and not allow_long_context:
       raise ValueError(
           f"Prompt {i} has {len(p)} tokens + {max_new_tokens} new tokens = {total}, past the "
-          f"model's max_position_embeddings={max_positions}. Shorten it, or opt in with "
+          f"model's max_position_embeddings={config.max_position_embeddings}. Shorten it, or opt in with "
           "allow_long_context=True (e.g. with a streamingllm cache in cache_relative mode).")
 
 
@@ -181,7 +181,7 @@ def prefill(
     raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
   if chunk_size is not None and chunk_size <= 0:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
-  check_prompts(prompts, cfg.max_position_embeddings, max_new_tokens, allow_long_context)
+  check_prompts(prompts, cfg, max_new_tokens, allow_long_context)
   b = len(prompts)
   lengths = np.array([len(p) for p in prompts], np.int32)
   padded = bucket(int(lengths.max()))

@@ -53,10 +53,9 @@ def supports_shared_prefill(spec: methods_lib.MethodSpec) -> bool:
   return spec.name != "oracle" and spec.position_mode == "original"
 
 
-def rolled_budget_cap(spec: methods_lib.MethodSpec, max_positions: int, max_len: int,
-                      chunk: int) -> int:
+def rolled_budget_cap(spec: methods_lib.MethodSpec, config, max_len: int, chunk: int) -> int:
   """The most tokens a head may keep in ``position_mode="cache_relative"`` so that no rotation
-  reaches ``max_positions`` (the model's trained context).
+  reaches ``config.max_position_embeddings`` (the model's trained context).
 
   A rolled key is rotated by its slot among its head's tokens, and a head holds up to its
   budget plus one prefill chunk (``chunk``) before it evicts, so slots stay below
@@ -65,8 +64,9 @@ def rolled_budget_cap(spec: methods_lib.MethodSpec, max_positions: int, max_len:
   ``max_positions - chunk`` (what a capped head cannot hold goes to the others, as with any
   cap of :func:`headkv_jax.allocation.allocate_budgets`).
   """
-  if max_len <= max_positions:
+  if not config.past_context(max_len):
     return max_len
+  max_positions = config.max_position_embeddings
   if spec.name == "full":
     raise ValueError(
         f"Method 'full' keeps every token, so in position_mode='cache_relative' its slots reach "
@@ -150,7 +150,7 @@ class MethodDriver:
     chunk = padded if chunk_size is None else min(chunk_size, padded)
     cap = generation.budget_cap(prompt_len, max_new_tokens)
     if spec.position_mode == "cache_relative":
-      cap = rolled_budget_cap(spec, config.max_position_embeddings, cap, chunk)
+      cap = rolled_budget_cap(spec, config, cap, chunk)
     plan = methods_lib.plan_cache(spec, config.num_layers, config.num_kv_heads, max_len=cap,
                                   profile=profile)
     scores = None if oracle_scores is None else tuple(oracle_scores)
@@ -276,6 +276,5 @@ def _compress_recorded(recorded, plan: methods_lib.CachePlan):
 
 
 __all__ = ["MethodDriver", "method_hooks", "supports_shared_prefill", "rolled_budget_cap",
-           "record_window",
-           "recording_cache_maker", "evict_while_decoding", "compress_chunk",
+           "record_window", "recording_cache_maker", "evict_while_decoding", "compress_chunk",
            "rechunk_for_decoding"]

@@ -149,9 +149,10 @@ def test_make_policy_defaults():
     ({"name": "snapkv", "pool_kernel": 6}, "pool_kernel must be an odd integer >= 1, got 6"),
     ({"name": "snapkv", "window": -1}, "window must be >= 0, got -1"),
     ({"name": "adakv", "alpha": 1.5}, r"alpha must be in \[0, 1\], got 1.5"),
-
-    ({"name": "snapkv", "score_mode": "sum"}, "Unknown score_mode 'sum'; allowed: latest, accumulate"),
-    ({"name": "h2o", "score_mode": "accumulate"}, "score_mode='accumulate' is for the SnapKV family"),
+    ({"name": "snapkv", "score_mode": "sum"},
+     "Unknown score_mode 'sum'; allowed: latest, accumulate"),
+    ({"name": "h2o", "score_mode": "accumulate"},
+     "score_mode='accumulate' is for the SnapKV family"),
 ])
 def test_policy_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -33,7 +33,8 @@ def _cache_metrics(cache) -> dict:
              "kv_tokens_max": int(counts.max())}
   if hasattr(cache, "head_bits"):
     metrics.update(effective_bits=cache.effective_bits, head_bits=cache.head_bits.tolist(),
-                   attention_impl=kernel_decode.resolve_impl(cache.attention_impl))
+                   attention_impl=kernel_decode.resolve_impl(cache.attention_impl),
+                   score_mode=cache.policy.score_mode)  # what "auto" resolved to
   else:
     metrics.update(effective_bits=float(np.dtype(cache.layers[0].k.dtype).itemsize * 8))
   return metrics

@@ -39,7 +39,10 @@ VARIANTS = {
     'headaware[pool_kernel=7]': (dict(pool_kernel=7), False),
     'headaware[score=retrieval]': (dict(score_name='retrieval'), False),
     'headaware[pool_fraction=0.5]': (dict(pool_fraction=0.5), False),
+    'headaware[latest]': (dict(score_mode='latest'), False),
     'headaware[accumulate]': (dict(score_mode='accumulate'), False),
+    'headaware[keydiff]': (dict(score_mode='keydiff', pool_kernel=3), False),
+    'headaware[keydiff_window]': (dict(score_mode='keydiff_window', pool_kernel=3), False),
 }
 # The quick grid's components: allocation, profile, sinks, window, GQA reduction.
 QUICK_VARIANTS = ('full', 'headaware', 'headaware[uniform]', 'headaware[shuffled]',

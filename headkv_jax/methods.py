@@ -39,6 +39,14 @@ PROFILE_METHODS = ("headaware",)
 ALLOCATIONS = allocation_lib.METHODS
 
 
+# MethodSpec.score_mode: the policies' modes, or "auto" (resolved by MethodSpec.for_prefill).
+SCORE_MODES = ("auto",) + policies_lib.SCORE_MODES
+# What "auto" means for a chunked headaware prefill, picked on niah_single at 2,000 tokens,
+# chunk 512, budget 128, seed 0 (README: 8/10 vs 3/10 for the one-shot defaults).
+CHUNKED_SCORE_MODE = "keydiff_window"
+CHUNKED_POOL_KERNEL = 3
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
   """A compression method and its knobs.
@@ -55,8 +63,11 @@ class MethodSpec:
     pool_kernel: SnapKV max-pool kernel (policy default when None: 7, headaware 21).
     gqa_reduce: "mean" or "max" over a GQA group.
     position_mode: "original" or "cache_relative".
-    score_mode: SnapKV family: "latest" (each call's observation window replaces the scores)
-      or "accumulate" (summed over calls: question-agnostic chunked prefill).
+    score_mode: SnapKV family: "latest" (each call's observation window replaces the scores),
+      "accumulate" (summed over calls), "keydiff" (key novelty, no attention) or
+      "keydiff_window" (the better of both ranks); see :mod:`headkv_jax.policies`. The
+      default "auto" is "latest", except for ``headaware`` when a prompt is compressed before
+      its end (more than one prefill chunk): :meth:`for_prefill`.
     kv_bits: storage precision per KV head, a :func:`headkv_jax.bits.parse_kv_bits` text
       ("16", "8", "4/2", "kivi2", "roles", "avg:3.5", ...); "16" stores the cache dtype.
   """
@@ -73,7 +84,7 @@ class MethodSpec:
   gqa_reduce: str = "mean"
   position_mode: str = "original"
   kv_bits: str = "16"
-  score_mode: str = "latest"
+  score_mode: str = "auto"
 
   def __post_init__(self):
     if self.name not in METHODS:
@@ -87,17 +98,36 @@ class MethodSpec:
       raise ValueError(
           f"Unknown scope {self.scope!r}; allowed: {', '.join(allocation_lib.SCOPES)}.")
     bits_lib.parse_kv_bits(self.kv_bits)  # raises naming the text and the allowed forms
-    if self.score_mode not in policies_lib.SCORE_MODES:
+    if self.score_mode not in SCORE_MODES:
       raise ValueError(f"Unknown score_mode {self.score_mode!r}; allowed: "
-                       f"{', '.join(policies_lib.SCORE_MODES)}.")
+                       f"{', '.join(SCORE_MODES)}.")
 
   @property
   def bit_scheme(self) -> bits_lib.BitScheme:
     return bits_lib.parse_kv_bits(self.kv_bits)
 
+  def for_prefill(self, chunked: bool) -> "MethodSpec":
+    """This spec with ``score_mode="auto"`` made concrete for a prefill that is ``chunked``
+    (the prompt compressed before its end, so before its question) or not.
+
+    A one-shot eviction ranks by the observation window, which holds the question ("latest",
+    SnapKV). A chunked ``headaware`` prefill ranks by :data:`CHUNKED_SCORE_MODE` with pool
+    kernel :data:`CHUNKED_POOL_KERNEL` unless the spec sets one: the windows of the chunks
+    before the question never look at a needle, a key's novelty does (README: "Head-aware
+    defaults"). The other methods stay the papers' ("latest").
+    """
+    if self.score_mode != "auto":
+      return self
+    if chunked and self.name == "headaware":
+      return dataclasses.replace(
+          self, score_mode=CHUNKED_SCORE_MODE,
+          pool_kernel=CHUNKED_POOL_KERNEL if self.pool_kernel is None else self.pool_kernel)
+    return dataclasses.replace(self, score_mode="latest")
+
   def policy(self) -> policies_lib.Policy:
+    """The policy of this spec (``score_mode="auto"``: the one-shot one, "latest")."""
     overrides = dict(gqa_reduce=self.gqa_reduce, position_mode=self.position_mode,
-                     score_mode=self.score_mode)
+                     score_mode="latest" if self.score_mode == "auto" else self.score_mode)
     if self.pool_kernel is not None:
       overrides["pool_kernel"] = self.pool_kernel
     if self.window is not None:

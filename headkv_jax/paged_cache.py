@@ -478,6 +478,17 @@ class PagedKVCache:
     out, = sharding.replicate_over_model(out)  # so o_proj's split does not reach back in here
 
     cached_scores, new_scores = self._slot_stats(sums, sc, view_len, b, hkv, t)
+    if self.policy.uses_novelty:  # KeyDiff: every held key against the head's keys, pre-RoPE
+      k_pre = kc if self.policy.position_mode == "cache_relative" else slot_pool.rotate(
+          rope, kc, -pc)  # [B, Hkv, C, D] un-rotated (empty slots are masked out below)
+      held = jnp.concatenate([pc >= 0, jnp.broadcast_to(tok_valid[:, None], (b, hkv, t))],
+                             axis=2)  # [B, Hkv, C + T]
+      stat = policies_lib.key_novelty(
+          jnp.concatenate([k_pre, kt.astype(k_pre.dtype)], axis=2), held)
+      if self.policy.score_kind == "window":  # keydiff_window: the better of both ranks
+        stat = policies_lib.union_rank(
+            stat, jnp.concatenate([cached_scores, new_scores], axis=2), held)
+      cached_scores, new_scores = stat[..., :view_len], stat[..., view_len:]
     if self.policy.score_kind == "none":
       scores = lc.scores
     elif view_idx is None:
@@ -559,7 +570,7 @@ class PagedKVCache:
     """``[B, T]`` bool: the queries whose attention the policy's statistic sums (H2O: every
     real query; the SnapKV family: the last ``window`` real ones), None for no statistic."""
     kind = self.policy.score_kind
-    if kind == "none":
+    if kind in ("none", "keys"):
       return None
     if kind == "accumulate":
       return tok_valid

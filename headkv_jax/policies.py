@@ -36,7 +36,15 @@ attention each slot received, summed over all queries so far; for the SnapKV fam
 attention of the last ``window`` queries of the latest call (the observation window), summed
 over those queries; with ``score_mode="accumulate"`` a SnapKV-family head adds each call's
 window attention to what its slots already had instead (a question-agnostic memory across
-prefill chunks: a token that earlier chunks' windows attended keeps that credit). Query heads
+prefill chunks: a token that earlier chunks' windows attended keeps that credit); with
+``score_mode="keydiff"`` (KeyDiff, Park et al. 2025) a slot's statistic is no attention at all
+but how far its key points from the head's other keys, :func:`key_novelty`, recomputed over
+every slot the head holds at each call (question-agnostic: a needle's distinctive keys stand
+out of a haystack that no later query has attended to yet); ``score_mode="keydiff_window"``
+ranks by both, :func:`union_rank`: a slot is as good as its better rank under key novelty and
+under the observation window's attention, so a head keeps the top of both lists in equal depth
+(distinctive keys from earlier chunks, and what the latest window, the question in a prompt's
+last chunk, attends). Query heads
 of a GQA group are reduced to their KV head by ``gqa_reduce``
 per call, so scores are stored once per KV head (for h2o with "max" the accumulated score is
 the sum over calls of each call's group maximum).
@@ -61,7 +69,7 @@ POLICY_NAMES = (
     "full", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "headaware", "oracle")
 POSITION_MODES = ("original", "cache_relative")
 GQA_REDUCES = ("mean", "max")
-SCORE_MODES = ("latest", "accumulate")
+SCORE_MODES = ("latest", "accumulate", "keydiff", "keydiff_window")
 SNAPKV_FAMILY = ("snapkv", "pyramidkv", "adakv", "headaware")
 # headaware's defaults, tuned on needles at 2k tokens with SmolLM2-135M (see the README):
 # its many small heads keep the attention sinks, and a wider pool keeps the whole needle span.
@@ -86,7 +94,9 @@ class Policy:
       (keys stored un-rotated and rotated by their slot at attention time, StreamingLLM).
     alpha: adakv's uniform share (default 0.2).
     score_mode: SnapKV family: "latest" (default; each call's observation window replaces the
-      slots' scores, SnapKV) or "accumulate" (added to them, summed over calls).
+      slots' scores, SnapKV), "accumulate" (added to them, summed over calls), "keydiff"
+      (no attention: each slot's :func:`key_novelty` among the head's keys, KeyDiff) or
+      "keydiff_window" (the better of a slot's two ranks, :func:`union_rank`).
   """
 
   name: str = "full"
@@ -117,12 +127,18 @@ class Policy:
 
   @property
   def score_kind(self) -> str:
-    """Per-slot statistic the cache must collect: "none", "accumulate" or "window"."""
+    """Per-slot statistic the cache must collect: "none", "accumulate", "window" (attention
+    of the observation window) or "keys" (:func:`key_novelty`, ``score_mode="keydiff"``)."""
     if self.name == "h2o":
       return "accumulate"
     if self.name in SNAPKV_FAMILY:
-      return "window"
+      return "keys" if self.score_mode == "keydiff" else "window"
     return "none"
+
+  @property
+  def uses_novelty(self) -> bool:
+    """Whether the slots' statistic involves :func:`key_novelty` (the KeyDiff modes)."""
+    return self.name in SNAPKV_FAMILY and self.score_mode.startswith("keydiff")
 
   @property
   def accumulates(self) -> bool:
@@ -279,6 +295,44 @@ def compact(keep):
   return order, jnp.sum(keep, axis=-1, dtype=jnp.int32)
 
 
+def key_novelty(keys, valid):
+  """KeyDiff's statistic: ``1 - cos(k, mean direction of the head's keys)`` per slot.
+
+  Args:
+    keys: ``[B, Hkv, N, D]`` keys before RoPE (the score reads content, not position).
+    valid: ``[B, Hkv, N]`` bool, the slots the head holds (they define its mean direction).
+
+  Returns:
+    ``[B, Hkv, N]`` float32 in ``[0, 2]`` (0 on invalid slots): high for a key unlike the rest.
+    The anchor is the mean of the *unit* keys, so one large-norm key (an attention sink) does
+    not become the direction every other key is measured against.
+  """
+  k = keys.astype(jnp.float32)
+  unit = k * jax.lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True) + 1e-12)  # [B, Hkv, N, D]
+  w = valid[..., None].astype(jnp.float32)
+  anchor = jnp.sum(unit * w, axis=2, keepdims=True)  # [B, Hkv, 1, D]
+  anchor = anchor * jax.lax.rsqrt(jnp.sum(anchor * anchor, axis=-1, keepdims=True) + 1e-12)
+  cos = jnp.sum(unit * anchor, axis=-1)  # [B, Hkv, N]
+  return jnp.where(valid, 1.0 - cos, 0.0)
+
+
+def union_rank(a, b, valid):
+  """The better of two rankings: ``N - min(rank_a, rank_b)`` per slot, 0 off ``valid``.
+
+  Args:
+    a, b: ``[..., N]`` float statistics (higher is better) of the same slots.
+    valid: ``[..., N]`` bool, the slots that take part.
+
+  Returns:
+    ``[..., N]`` float32 in ``[1, N]`` on valid slots: ranking by it takes the ``k/2`` best of
+    each list (more when they overlap). Ranks are descending, ties to the lower index, as
+    :func:`select_keep`'s.
+  """
+  mask = lambda x: jnp.where(valid, x.astype(jnp.float32), -jnp.inf)
+  best = jnp.minimum(_ranks(mask(a)), _ranks(mask(b)))
+  return jnp.where(valid, (a.shape[-1] - best).astype(jnp.float32), 0.0)
+
+
 def reduce_group(x, gqa_reduce: str, axis: int):
   """Reduces a GQA group axis of per-query-head statistics by "mean" or "max"."""
   return jnp.max(x, axis=axis) if gqa_reduce == "max" else jnp.mean(x, axis=axis)
@@ -289,5 +343,5 @@ __all__ = [
     "HEADAWARE_POOL_KERNEL",
     "Policy", "make_policy",
     "pyramid_budgets", "recent_counts", "forced_mask", "max_pool", "priorities", "select_keep",
-    "compact", "reduce_group",
+    "compact", "key_novelty", "union_rank", "reduce_group",
 ]

@@ -22,6 +22,8 @@ The statistics, per layer and query head (reduced to KV heads per policy, by its
                                     (H2O's score)
     window       [B, Hkv, G, W, P]  attention of the last ``W`` real queries (oldest first);
                                     the SnapKV family sums its last ``window <= W`` of them
+    novelty      [B, Hkv, P]        each key's distance from its head's mean key direction
+                                    (``score_mode="keydiff"``, ``policies.key_novelty``)
 
 Only the "original" position mode is supported (keys stored rotated at their positions).
 """
@@ -87,15 +89,24 @@ def attention_stats(q, k, positions, window: int, lse_rows=None,
   return accumulated, cache_attention.masked_softmax(logits, mask)
 
 
-def slot_scores(policy: policies_lib.Policy, accumulated, window_probs):
+def slot_scores(policy: policies_lib.Policy, accumulated, window_probs, novelty=None,
+                valid=None):
   """One layer's per-token statistic ``[B, Hkv, T]`` for ``policy`` (what its cache collects).
 
   ``accumulated [B, Hkv, G, T]`` and ``window_probs [B, Hkv, G, W, T]`` come from
-  :func:`attention_stats`; the SnapKV family needs ``policy.window <= W``.
+  :func:`attention_stats`; the SnapKV family needs ``policy.window <= W``. ``novelty
+  [B, Hkv, T]`` is :func:`headkv_jax.policies.key_novelty` of the call's keys, what
+  ``score_mode="keydiff"`` ranks by; ``"keydiff_window"`` also needs ``valid [B, T]``, the
+  real tokens (its ranks are among them).
   """
   kind = policy.score_kind
   if kind == "none":
     return jnp.zeros(accumulated.shape[:2] + accumulated.shape[3:], jnp.float32)
+  if policy.uses_novelty and novelty is None:
+    raise ValueError(f"score_mode={policy.score_mode!r} ranks by key novelty; pass the "
+                     "recorded novelty.")
+  if kind == "keys":
+    return novelty.astype(jnp.float32)
   if kind == "accumulate":
     per = accumulated
   else:
@@ -104,7 +115,13 @@ def slot_scores(policy: policies_lib.Policy, accumulated, window_probs):
       raise ValueError(f"Policy {policy.name!r} has window={policy.window} but only the last "
                        f"{w} queries were recorded; record with window >= {policy.window}.")
     per = jnp.sum(window_probs[:, :, :, w - policy.window:], axis=3)
-  return policies_lib.reduce_group(per, policy.gqa_reduce, axis=2)
+  scores = policies_lib.reduce_group(per, policy.gqa_reduce, axis=2)  # [B, Hkv, T]
+  if policy.uses_novelty:  # keydiff_window
+    if valid is None:
+      raise ValueError("score_mode='keydiff_window' ranks among the real tokens; pass valid.")
+    scores = policies_lib.union_rank(novelty, scores, jnp.broadcast_to(
+        valid[:, None, :], scores.shape))
+  return scores
 
 
 @flax.struct.dataclass
@@ -118,12 +135,15 @@ class RecordingCache:
   Attributes:
     dense: the wrapped :class:`DenseKVCache` (attention and K/V storage).
     accumulated, window_probs: per layer, the statistics (None before the layer ran).
+    novelty: per layer ``[B, Hkv, T]``, :func:`headkv_jax.policies.key_novelty` of the call's
+      keys before RoPE (None before the layer ran).
     window: ``W``, static.
   """
 
   dense: DenseKVCache
   accumulated: tuple
   window_probs: tuple
+  novelty: tuple
   window: int = flax.struct.field(pytree_node=False)
 
   @classmethod
@@ -132,7 +152,7 @@ class RecordingCache:
       raise ValueError(f"window must be >= 0, got {window}.")
     n = len(dense.layers)
     return cls(dense=dense, accumulated=(None,) * n, window_probs=(None,) * n,
-               window=int(window))
+               novelty=(None,) * n, window=int(window))
 
   @property
   def nbytes(self) -> int:
@@ -145,7 +165,8 @@ class RecordingCache:
     """Layer ``layer`` as a one-layer recording cache (for layer-by-layer prefill)."""
     return self.replace(dense=self.dense.layer_view(layer),
                         accumulated=(self.accumulated[layer],),
-                        window_probs=(self.window_probs[layer],))
+                        window_probs=(self.window_probs[layer],),
+                        novelty=(self.novelty[layer],))
 
   def with_layer_view(self, layer: int, view: "RecordingCache") -> "RecordingCache":
     """This cache with layer ``layer`` (storage and statistics) taken from ``view``."""
@@ -155,7 +176,8 @@ class RecordingCache:
 
     return self.replace(dense=self.dense.with_layer_view(layer, view.dense),
                         accumulated=put(self.accumulated, view.accumulated),
-                        window_probs=put(self.window_probs, view.window_probs))
+                        window_probs=put(self.window_probs, view.window_probs),
+                        novelty=put(self.novelty, view.novelty))
 
   def attend(self, layer: int, q, k, v, positions, rope):
     """The dense cache's attention, plus this call's statistics for ``layer``."""
@@ -166,8 +188,11 @@ class RecordingCache:
     def put(seq, x):
       return seq[:layer] + (x,) + seq[layer + 1:]
 
+    valid = jnp.broadcast_to((positions >= 0)[:, None, :], acc.shape[:2] + acc.shape[3:])
+    nov = policies_lib.key_novelty(k.transpose(0, 2, 1, 3), valid)  # [B, Hkv, T]
     return out, self.replace(dense=dense, accumulated=put(self.accumulated, acc),
-                             window_probs=put(self.window_probs, win))
+                             window_probs=put(self.window_probs, win),
+                             novelty=put(self.novelty, nov))
 
 
 def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Policy, *,
@@ -203,7 +228,8 @@ def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Poli
                               dtype=layers[0].k.dtype, page_size=page_size, bits=bits,
                               **({} if residual is None else {'residual': residual}))
   for i, lc in enumerate(layers):
-    scores = slot_scores(policy, recorded.accumulated[i], recorded.window_probs[i])
+    scores = slot_scores(policy, recorded.accumulated[i], recorded.window_probs[i],
+                         recorded.novelty[i], lc.positions[:, :t] >= 0)
     # The recorded call filled slots [0, t) of every row (padding holds position -1).
     cache = cache.append(i, lc.k[:, :, :t], lc.v[:, :, :t], lc.positions[:, :t], scores)
   return cache.rechunk(decode_chunk)

@@ -288,7 +288,7 @@ def _dense_like(names: list[str]) -> bool:
   ``[B, Hkv, ...]`` arrays that split over KV heads with the attention."""
   if len(names) >= 3 and names[-1] in ("k", "v") and names[-3] == "layers":
     return names[-2].isdigit()  # …/layers/<i>/k (a paged store is …/k/<class>, and paged)
-  return len(names) >= 2 and names[-2] in ("accumulated", "window_probs")
+  return len(names) >= 2 and names[-2] in ("accumulated", "window_probs", "novelty")
 
 
 def array_spec(path, shape, layout: Layout, batch: int, paged: bool) -> P:

@@ -53,6 +53,15 @@ def supports_shared_prefill(spec: methods_lib.MethodSpec) -> bool:
   return spec.name != "oracle" and spec.position_mode == "original"
 
 
+def resolve_spec(spec: methods_lib.MethodSpec, prompt_len: int,
+                 chunk_size: int | None) -> methods_lib.MethodSpec:
+  """``spec`` as it runs on a ``prompt_len``-token prompt prefilled in ``chunk_size`` chunks
+  (None: one call): ``score_mode="auto"`` resolved by ``MethodSpec.for_prefill``, chunked when
+  the prompt's bucket takes more than one chunk (compressed before its end)."""
+  chunked = chunk_size is not None and chunk_size < generation.bucket(prompt_len)
+  return spec.for_prefill(chunked)
+
+
 def rolled_budget_cap(spec: methods_lib.MethodSpec, config, max_len: int, chunk: int) -> int:
   """The most tokens a head may keep in ``position_mode="cache_relative"`` so that no rotation
   reaches ``config.max_position_embeddings`` (the model's trained context).
@@ -148,6 +157,7 @@ class MethodDriver:
       raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     padded = generation.bucket(prompt_len)
     chunk = padded if chunk_size is None else min(chunk_size, padded)
+    spec = resolve_spec(spec, prompt_len, chunk_size)
     cap = generation.budget_cap(prompt_len, max_new_tokens)
     if spec.position_mode == "cache_relative":
       cap = rolled_budget_cap(spec, config, cap, chunk)
@@ -275,6 +285,7 @@ def _compress_recorded(recorded, plan: methods_lib.CachePlan):
                                       **plan.paged_kwargs())
 
 
-__all__ = ["MethodDriver", "method_hooks", "supports_shared_prefill", "rolled_budget_cap",
+__all__ = ["MethodDriver", "method_hooks", "supports_shared_prefill", "resolve_spec",
+           "rolled_budget_cap",
            "record_window", "recording_cache_maker", "evict_while_decoding", "compress_chunk",
            "rechunk_for_decoding"]

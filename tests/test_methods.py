@@ -140,10 +140,36 @@ def test_headaware_budgets_follow_the_profile():
     (dict(name="nope"), "Unknown method 'nope'"),
     (dict(name="snapkv", budget=0), "needs a budget > 0, got 0"),
     (dict(name="headaware", budget=64, allocation="magic"), "Unknown allocation 'magic'"),
+    (dict(name="headaware", budget=64, score_mode="novel"),
+     "Unknown score_mode 'novel'; allowed: auto, latest, accumulate, keydiff, keydiff_window"),
 ])
 def test_bad_specs_are_named(kwargs, match):
   with pytest.raises(ValueError, match=match):
     methods.MethodSpec(**kwargs)
+
+
+def test_auto_score_mode_is_keydiff_window_only_for_chunked_headaware():
+  """score_mode="auto" resolves once, in the driver: a prompt compressed before its end (more
+  than one prefill chunk of its bucket) makes headaware rank by keydiff_window with pool 3
+  (unless the spec sets a pool kernel); one-shot prefill, one chunk, the other methods and
+  explicit modes keep what they say; the cache's policy carries the resolved mode."""
+  from models.method_driver import MethodDriver, resolve_spec
+  ha, snap = methods.MethodSpec("headaware", 64), methods.MethodSpec("snapkv", 64)
+  assert ha.score_mode == "auto" and ha.policy().score_mode == "latest"
+  chunked = resolve_spec(ha, 300, 128)
+  assert (chunked.score_mode, chunked.pool_kernel) == ("keydiff_window", 3)
+  assert chunked.policy().score_kind == "window" and chunked.policy().uses_novelty
+  for one_shot in (resolve_spec(ha, 300, None), resolve_spec(ha, 300, 512)):
+    assert (one_shot.score_mode, one_shot.pool_kernel) == ("latest", None)
+  assert resolve_spec(snap, 300, 128).score_mode == "latest"
+  assert resolve_spec(methods.MethodSpec("headaware", 64, pool_kernel=9), 300, 128).pool_kernel == 9
+  explicit = methods.MethodSpec("headaware", 64, score_mode="accumulate")
+  assert resolve_spec(explicit, 300, 128) == explicit
+  profile = tiny_models.tiny_profile(0, [[0, 1]] * CFG.num_layers)
+  driver = MethodDriver.create(ha, CFG, prompt_len=300, max_new_tokens=4, chunk_size=128,
+                               dtype=np.float32, profile=profile)
+  cache = driver.make_cache(1, 512)
+  assert cache.policy.score_mode == "keydiff_window" and cache.policy.pool_kernel == 3
 
 
 def test_budget_below_policy_minimum_is_named():

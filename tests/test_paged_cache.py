@@ -439,6 +439,70 @@ def test_collected_scores_match_numpy(name, gqa_reduce, score_mode):
   np.testing.assert_allclose(cache.view(0)[3][..., :t], want, atol=1e-5)
 
 
+def _novelty_reference(keys, valid):
+  """numpy KeyDiff: 1 - cos(k, normalised mean of the unit keys) over the valid slots."""
+  unit = keys / np.linalg.norm(keys, axis=-1, keepdims=True)
+  anchor = (unit * valid[..., None]).sum(axis=-2, keepdims=True)
+  anchor = anchor / np.linalg.norm(anchor, axis=-1, keepdims=True)
+  return np.where(valid, 1.0 - (unit * anchor).sum(-1), 0.0)
+
+
+def _ranks_reference(x):
+  """Descending ranks along the last axis, ties to the lower index."""
+  order = np.argsort(-x, axis=-1, kind="stable")
+  return np.argsort(order, axis=-1, kind="stable")
+
+
+@pytest.mark.parametrize("position_mode", ["original", "cache_relative"])
+def test_keydiff_window_ranks_by_the_better_of_novelty_and_window(position_mode):
+  """score_mode="keydiff_window": a slot's score orders the slots as the better (smaller) of
+  its rank by key novelty and its rank by the last window's attention (no eviction here, so
+  the window attention is the dense reference's)."""
+  batch, t, hq, hkv, window = 1, 12, 6, 3, 3
+  stack = random_stack(13, 1, batch, t, hq, hkv)
+  positions = jnp.arange(t, dtype=jnp.int32)[None]
+  policy = policies.make_policy("snapkv", window=window, score_mode="keydiff_window",
+                                position_mode=position_mode)
+  cache = PagedKVCache.create(1, batch, hkv, D, 16, policy, chunk_size=8, dtype=jnp.float32,
+                              page_size=4)
+  for s, e in [(0, 8), (8, 12)]:
+    _, cache = attend_layers(cache, [tuple(x[:, s:e] for x in stack[0])], positions[:, s:e],
+                             ROPE)
+  _, probs = dense_reference(*stack[0], positions, with_probs=True)  # [B, Hq, T, T]
+  win = probs[:, :, t - window:].sum(axis=2).reshape(batch, hkv, hq // hkv, t).mean(axis=2)
+  k = np.asarray(stack[0][1], np.float64).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
+  nov = _novelty_reference(k, np.ones((batch, hkv, t), bool))
+  best = np.minimum(_ranks_reference(nov), _ranks_reference(win))
+  got = np.asarray(cache.view(0)[3])[..., :t]
+  np.testing.assert_array_equal(got + best, np.full_like(got, got[0, 0, 0] + best[0, 0, 0]))
+
+
+@pytest.mark.parametrize("position_mode", ["original", "cache_relative"])
+def test_keydiff_scores_are_the_novelty_of_every_held_key(position_mode):
+  """score_mode="keydiff": after each call every held slot's score is its key's novelty among
+  all keys its head holds (pre-RoPE, so both position modes agree), ragged rows included;
+  after an eviction the survivors are re-scored against the survivors."""
+  batch, t, hq, hkv = 2, 12, 6, 3
+  stack = random_stack(12, 1, batch, t, hq, hkv)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+  positions = positions.at[1, :3].set(-1)  # row 1 holds 3 tokens fewer (left padding)
+  policy = policies.make_policy("headaware", window=2, n_sink=1, score_mode="keydiff",
+                                position_mode=position_mode)
+  assert policy.score_kind == "keys"
+  cache = PagedKVCache.create(1, batch, hkv, D, np.array([[6, 8, 6]]), policy, chunk_size=8,
+                              dtype=jnp.float32, page_size=4)
+  k = np.asarray(stack[0][1], np.float64).transpose(0, 2, 1, 3)  # [B, Hkv, T, D] pre-RoPE
+  for s, e in [(0, 8), (8, 12)]:
+    _, cache = attend_layers(cache, [tuple(x[:, s:e] for x in stack[0])], positions[:, s:e],
+                             ROPE)
+    pos = np.asarray(cache.view(0)[2])  # [B, Hkv, C] positions held (-1 empty)
+    held = np.take_along_axis(k, np.maximum(pos, 0)[..., None], axis=2)
+    np.testing.assert_allclose(cache.view(0)[3], _novelty_reference(held, pos >= 0), atol=1e-5)
+    if s == 0:
+      cache = cache.compress()
+      assert np.asarray(cache.layers[0].lengths).tolist() == [[6, 8, 6], [5, 5, 5]]
+
+
 def test_pyramidkv_int_budget_falls_with_depth():
   cache = PagedKVCache.create(4, 1, 2, D, 64, policies.make_policy("pyramidkv", window=8),
                               chunk_size=8)

@@ -150,13 +150,47 @@ def test_make_policy_defaults():
     ({"name": "snapkv", "window": -1}, "window must be >= 0, got -1"),
     ({"name": "adakv", "alpha": 1.5}, r"alpha must be in \[0, 1\], got 1.5"),
     ({"name": "snapkv", "score_mode": "sum"},
-     "Unknown score_mode 'sum'; allowed: latest, accumulate"),
+     "Unknown score_mode 'sum'; allowed: latest, accumulate, keydiff, keydiff_window"),
+    ({"name": "streamingllm", "score_mode": "keydiff"},
+     "score_mode='keydiff' is for the SnapKV family"),
     ({"name": "h2o", "score_mode": "accumulate"},
      "score_mode='accumulate' is for the SnapKV family"),
 ])
 def test_policy_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     policies.make_policy(**kwargs)
+
+
+def test_key_novelty_ranks_the_odd_key_first_and_ignores_norms():
+  """KeyDiff's statistic: a key unlike the head's others scores highest, whatever the keys'
+  norms (a large-norm repeated key does not pull the anchor), empty slots score 0, and each
+  (row, head) has its own anchor."""
+  rng = np.random.RandomState(0)
+  base = rng.randn(8)
+  keys = np.tile(base, (2, 3, 10, 1)) + 0.05 * rng.randn(2, 3, 10, 8)  # [B, Hkv, N, D]
+  keys[:, :, 0] *= 50.0  # a sink-like key: same direction, huge norm
+  keys[0, 1, 6] = -base  # the needle of (row 0, head 1)
+  keys[1, 2, 3] = rng.randn(8)  # the needle of (row 1, head 2)
+  valid = np.ones((2, 3, 10), bool)
+  valid[1, :, 8:] = False
+  got = np.asarray(policies.key_novelty(jnp.asarray(keys, jnp.float32), jnp.asarray(valid)))
+  assert got[0, 1].argmax() == 6 and got[0, 1, 6] > 1.5
+  assert got[1, 2].argmax() == 3
+  assert (got[1, :, 8:] == 0).all() and (got >= 0).all() and (got <= 2 + 1e-6).all()
+  assert got[0, 0, 0] < 0.05  # the large-norm key points like the rest: not novel
+  assert np.isfinite(np.asarray(policies.key_novelty(jnp.zeros((1, 1, 3, 8)),
+                                                     jnp.ones((1, 1, 3), bool)))).all()
+
+
+def test_union_rank_keeps_the_top_of_both_lists():
+  """The top 2k by union_rank are the top k of each statistic (disjoint here); invalid slots
+  score 0, below every valid one."""
+  a = jnp.asarray([[9., 8., 0., 0., 0., 0., 1., 2.]])
+  b = jnp.asarray([[0., 0., 5., 7., 1., 2., 0., 0.]])
+  valid = jnp.asarray([[True] * 7 + [False]])
+  got = np.asarray(policies.union_rank(a, b, valid))
+  assert set(np.argsort(-got[0], kind="stable")[:4].tolist()) == {0, 1, 2, 3}
+  assert got[0, 7] == 0 and (got[0, :7] >= 1).all()
 
 
 def test_budget_errors_name_value_and_minimum():

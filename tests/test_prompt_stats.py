@@ -48,10 +48,13 @@ def _prompts():
 SPECS = [methods.MethodSpec("full"),
          methods.MethodSpec("snapkv", 40, window=8, pool_kernel=3, gqa_reduce="max"),
          methods.MethodSpec("streamingllm", 24),
-         methods.MethodSpec("pyramidkv", 48), methods.MethodSpec("adakv", 40),
+         methods.MethodSpec("pyramidkv", 48),
+         methods.MethodSpec("adakv", 40, score_mode="keydiff_window"),  # both ranks' union
          methods.MethodSpec("headaware", 40),
-         # HAQ-KV: the shared path quantizes the same kept tokens the same way.
-         methods.MethodSpec("headaware", 40, kv_bits="roles"),
+         # HAQ-KV: the shared path quantizes the same kept tokens the same way; KeyDiff's
+         # key-novelty scores (recorded by the shared prefill, re-scored on dequantized keys
+         # while decoding) rank the same.
+         methods.MethodSpec("headaware", 40, kv_bits="roles", score_mode="keydiff"),
          methods.MethodSpec("h2o", 24, kv_bits="4/2"), methods.MethodSpec("full", kv_bits="8")]
 
 

@@ -483,11 +483,10 @@ class PagedKVCache:
           rope, kc, -pc)  # [B, Hkv, C, D] un-rotated (empty slots are masked out below)
       held = jnp.concatenate([pc >= 0, jnp.broadcast_to(tok_valid[:, None], (b, hkv, t))],
                              axis=2)  # [B, Hkv, C + T]
-      stat = policies_lib.key_novelty(
+      novelty = policies_lib.key_novelty(
           jnp.concatenate([k_pre, kt.astype(k_pre.dtype)], axis=2), held)
-      if self.policy.score_kind == "window":  # keydiff_window: the better of both ranks
-        stat = policies_lib.union_rank(
-            stat, jnp.concatenate([cached_scores, new_scores], axis=2), held)
+      stat = policies_lib.novelty_scores(
+          self.policy, novelty, jnp.concatenate([cached_scores, new_scores], axis=2), held)
       cached_scores, new_scores = stat[..., :view_len], stat[..., view_len:]
     if self.policy.score_kind == "none":
       scores = lc.scores

@@ -333,6 +333,15 @@ def union_rank(a, b, valid):
   return jnp.where(valid, (a.shape[-1] - best).astype(jnp.float32), 0.0)
 
 
+def novelty_scores(policy: Policy, novelty, window_scores, valid):
+  """The per-slot statistic of a KeyDiff mode (``policy.uses_novelty``): the
+  :func:`key_novelty` itself ("keydiff"), or its :func:`union_rank` with the observation
+  window's ``window_scores`` ("keydiff_window"; None is fine for "keydiff"); all ``[..., N]``."""
+  if policy.score_kind == "keys":
+    return novelty
+  return union_rank(novelty, window_scores, valid)
+
+
 def reduce_group(x, gqa_reduce: str, axis: int):
   """Reduces a GQA group axis of per-query-head statistics by "mean" or "max"."""
   return jnp.max(x, axis=axis) if gqa_reduce == "max" else jnp.mean(x, axis=axis)
@@ -343,5 +352,5 @@ __all__ = [
     "HEADAWARE_POOL_KERNEL",
     "Policy", "make_policy",
     "pyramid_budgets", "recent_counts", "forced_mask", "max_pool", "priorities", "select_keep",
-    "compact", "key_novelty", "union_rank", "reduce_group",
+    "compact", "key_novelty", "union_rank", "novelty_scores", "reduce_group",
 ]

@@ -96,31 +96,29 @@ def slot_scores(policy: policies_lib.Policy, accumulated, window_probs, novelty=
   ``accumulated [B, Hkv, G, T]`` and ``window_probs [B, Hkv, G, W, T]`` come from
   :func:`attention_stats`; the SnapKV family needs ``policy.window <= W``. ``novelty
   [B, Hkv, T]`` is :func:`headkv_jax.policies.key_novelty` of the call's keys, what
-  ``score_mode="keydiff"`` ranks by; ``"keydiff_window"`` also needs ``valid [B, T]``, the
-  real tokens (its ranks are among them).
+  ``score_mode="keydiff"`` ranks by, with ``valid [B, T]`` the real tokens (the KeyDiff modes
+  need both; ``"keydiff_window"`` ranks among the real tokens).
   """
   kind = policy.score_kind
   if kind == "none":
     return jnp.zeros(accumulated.shape[:2] + accumulated.shape[3:], jnp.float32)
-  if policy.uses_novelty and novelty is None:
+  if policy.uses_novelty and (novelty is None or valid is None):
     raise ValueError(f"score_mode={policy.score_mode!r} ranks by key novelty; pass the "
-                     "recorded novelty.")
-  if kind == "keys":
-    return novelty.astype(jnp.float32)
+                     "recorded novelty and the valid tokens.")
+  scores = None
   if kind == "accumulate":
-    per = accumulated
-  else:
+    scores = policies_lib.reduce_group(accumulated, policy.gqa_reduce, axis=2)
+  elif kind == "window":
     w = window_probs.shape[3]
     if policy.window > w:
       raise ValueError(f"Policy {policy.name!r} has window={policy.window} but only the last "
                        f"{w} queries were recorded; record with window >= {policy.window}.")
     per = jnp.sum(window_probs[:, :, :, w - policy.window:], axis=3)
-  scores = policies_lib.reduce_group(per, policy.gqa_reduce, axis=2)  # [B, Hkv, T]
-  if policy.uses_novelty:  # keydiff_window
-    if valid is None:
-      raise ValueError("score_mode='keydiff_window' ranks among the real tokens; pass valid.")
-    scores = policies_lib.union_rank(novelty, scores, jnp.broadcast_to(
-        valid[:, None, :], scores.shape))
+    scores = policies_lib.reduce_group(per, policy.gqa_reduce, axis=2)  # [B, Hkv, T]
+  if policy.uses_novelty:
+    scores = policies_lib.novelty_scores(
+        policy, novelty.astype(jnp.float32), scores,
+        jnp.broadcast_to(valid[:, None, :], novelty.shape))
   return scores
 
 

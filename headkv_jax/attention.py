@@ -1,7 +1,11 @@
 """Attention primitives in plain jnp: GQA with query-group folding, position masks, LSE merge.
 
-Every attention in the library reduces to :func:`tiled_attention` (an online softmax over key
-tiles, returning ``(o, m, l)``) over a set of keys and :func:`merge_partials` across sets. Masks come from *positions*, not slot indices: key ``s`` is
+Every attention in the library reduces to :func:`tile_loop` (an online softmax over key tiles
+that a ``fetch`` function produces, returning ``(o, m, l)``): over slices of a dense cache
+(:func:`tiled_attention`), over each head's slots gathered from a paged cache's pools
+(``headkv_jax.paged_cache``), over a chunk's causal triangle (:func:`causal_attention`), and
+:func:`merge_partials` across key sets. Per-key statistics come from the row log-sum-exps,
+one tile at a time (:func:`tile_key_sums`). Masks come from *positions*, not slot indices: key ``s`` is
 visible to query ``t`` iff ``0 <= key_pos[s] <= query_pos[t]`` (``-1`` marks an empty slot or a
 padding token). Query heads of one GQA group are folded into the rows of their KV head
 (``[B, Hkv, T * group, D]``) so K/V are read once per KV head, never repeated.
@@ -13,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 _NEG_INF = -1e30
+NEG_INF = _NEG_INF  # the logit of a masked key (finite: merges never see -inf - -inf)
 
 
 def fold_queries(q: jnp.ndarray, num_kv_heads: int) -> jnp.ndarray:
@@ -69,8 +74,13 @@ def _key_positions(k_pos):
 
 def _online_update(carry, q_rows, kb, vb, mask=None):
   """One key tile folded into an online softmax ``(o, m, l)``; ``mask`` None = all visible."""
-  o, m, l = carry
   logits = jnp.einsum("bhrd,bhsd->bhrs", q_rows, kb, preferred_element_type=jnp.float32)
+  return _online_logits(carry, logits, vb, mask)
+
+
+def _online_logits(carry, logits, vb, mask=None):
+  """:func:`_online_update` from the tile's logits ``[B, Hkv, R, tile]``."""
+  o, m, l = carry
   if mask is not None:
     logits = jnp.where(mask, logits, _NEG_INF)
   m_new = jnp.maximum(m, jnp.max(logits, axis=-1))  # [B, Hkv, R]
@@ -83,47 +93,103 @@ def _online_update(carry, q_rows, kb, vb, mask=None):
   return o, m_new, l * scale + jnp.sum(p, axis=-1)
 
 
-def tiled_attention(q_rows, q_pos_rows, k, v, k_pos, *, tile: int, num_tiles, init=None):
-  """Online-softmax attention of folded queries over key tiles ``0 .. num_tiles - 1``.
+def tile_loop(q_rows, fetch, num_tiles, init, *, record=None):
+  """Online-softmax attention of folded queries over the key tiles ``fetch(0 .. num_tiles-1)``.
 
-  One compiled loop body whatever the number of keys: ``num_tiles`` may be traced (a chunk
-  reads only the tiles a cache has filled), and a tile's logits ``[B, Hkv, R, tile]`` stay in
-  cache instead of a ``[R, S]`` array going through memory. A last tile that would run past
-  ``S`` is shifted back to end at ``S``; the slots it shares with the previous tile are masked
-  out, so ``S`` need not be a multiple of ``tile``.
+  The one loop every attention of the library runs: ``fetch(j) -> (k, v, mask)`` produces
+  tile ``j`` (``k, v [B, Hkv, tile, D]``, ``mask [B, 1 or Hkv, R, tile]`` bool or None for
+  all visible), from slices of a dense cache or gathers from a paged cache's pools. One
+  compiled loop body whatever the number of keys (``num_tiles`` may be traced), and a tile's
+  logits ``[B, Hkv, R, tile]`` stay in cache instead of a ``[R, S]`` array in memory.
+
+  Args:
+    q_rows: ``[B, Hkv, R, D]`` folded queries, already scaled by ``1/sqrt(D)``.
+    fetch: ``j -> (k, v, mask)``.
+    num_tiles: a Python int or a traced int32 scalar.
+    init: ``(o, m, l)`` to continue from (:func:`empty_partial` to start).
+    record: optional ``(update, state)``: ``update(j, logits, state) -> state`` sees each
+      tile's logits (a decode step keeps them to sum its statistics without a second pass).
+
+  Returns:
+    ``(o [B, Hkv, R, D] float32, m [B, Hkv, R], l [B, Hkv, R])``: ``o / l`` is the attention
+    output, ``m`` the row max of the logits, ``l`` the softmax denominator (0 for rows that see
+    no key); with ``record``, ``((o, m, l), state)``.
+  """
+  def step(j, carry):
+    part, state = carry
+    kb, vb, mask = fetch(j)
+    logits = jnp.einsum("bhrd,bhsd->bhrs", q_rows, kb, preferred_element_type=jnp.float32)
+    if record is not None:
+      state = record[0](j, logits, state)
+    return _online_logits(part, logits, vb, mask), state
+
+  carry = (init, None if record is None else record[1])
+  if isinstance(num_tiles, int) and num_tiles == 1:
+    carry = step(0, carry)
+  else:
+    carry = jax.lax.fori_loop(0, num_tiles, step, carry)
+  return carry[0] if record is None else carry
+
+
+def tile_key_sums(q_rows, kb, mask, lse_rows, group: int):
+  """One key tile's share of each key's attention, summed over query rows, per query head.
+
+  ``sum_r exp(q_r . k_s - lse_r)`` over the visible ``(r, s)`` of ``mask [B, 1 or Hkv, R,
+  tile]``: the statistic H2O accumulates and SnapKV reads from its observation window,
+  from the row log-sum-exps the attention already computed (a row with ``lse = +inf``
+  contributes nothing: rows a policy does not observe, rows that saw no key).
+
+  Args:
+    q_rows: ``[B, Hkv, R, D]`` folded queries (row ``t * group + g``), scaled by 1/sqrt(D).
+    kb: ``[B, Hkv, tile, D]`` keys.
+    lse_rows: ``[B, Hkv, R]`` float32 each row's log-sum-exp over *all* its keys.
+    group: query heads per KV head.
+
+  Returns:
+    ``[B, Hkv, group, tile]`` float32.
+  """
+  b, hkv, rows, _ = q_rows.shape
+  logits = jnp.einsum("bhrd,bhsd->bhrs", q_rows, kb, preferred_element_type=jnp.float32)
+  p = jnp.where(mask, jnp.exp(logits - lse_rows[..., None]), 0.0)  # [B, Hkv, R, tile]
+  return p.reshape(b, hkv, rows // group, group, -1).sum(axis=2)
+
+
+def _slice_fetch(k, v, k_pos, q_pos_rows, tile: int):
+  """``fetch(j)`` of :func:`tile_loop` over dense ``k, v [B, Hkv, S, D]`` with positions
+  ``k_pos [B, S] or [B, Hkv, S]``: tile ``j`` is slots ``j*tile ..``; a last tile that would
+  run past ``S`` is shifted back to end at ``S`` and the slots it shares with the previous
+  tile are masked out, so ``S`` need not be a multiple of ``tile``."""
+  num_keys = k.shape[2]
+  q_pos = q_pos_rows[:, None, :, None]  # [B, 1, R, 1]
+
+  def fetch(j):
+    start = jnp.minimum(j * tile, num_keys - tile)
+    kb = jax.lax.dynamic_slice_in_dim(k, start, tile, axis=2)  # [B, Hkv, tile, D]
+    vb = None if v is None else jax.lax.dynamic_slice_in_dim(v, start, tile, axis=2)
+    kp = _key_positions(jax.lax.dynamic_slice_in_dim(k_pos, start, tile, axis=-1))
+    fresh = (start + jnp.arange(tile) >= j * tile)[None, None, None, :]  # not read before
+    mask = fresh & (kp >= 0) & (kp <= q_pos) & (q_pos >= 0)  # [B, 1 or Hkv, R, tile]
+    return kb, vb, mask, start
+
+  return fetch
+
+
+def tiled_attention(q_rows, q_pos_rows, k, v, k_pos, *, tile: int, num_tiles, init=None):
+  """:func:`tile_loop` over dense keys: tiles ``0 .. num_tiles - 1`` of ``k, v [B, Hkv, S, D]``.
 
   Args:
     q_rows: ``[B, Hkv, R, D]`` folded queries, already scaled by ``1/sqrt(D)``.
     q_pos_rows: ``[B, R]`` int32 position of each row's query (``-1`` = padding).
     k, v: ``[B, Hkv, S, D]`` keys / values; ``k_pos [B, S]`` (shared by the heads) or
-      ``[B, Hkv, S]`` (a compressed cache's per-head slots) their positions (``-1`` = empty).
-    tile: keys per tile (``<= S``).
+      ``[B, Hkv, S]`` their positions (``-1`` = empty).
+    tile: keys per tile (``<= S``; a last tile past ``S`` is shifted back and masked).
     num_tiles: tiles to read, a Python int or a traced int32 scalar.
     init: ``(o, m, l)`` to continue from (default :func:`empty_partial`).
-
-  Returns:
-    ``(o [B, Hkv, R, D] float32, m [B, Hkv, R], l [B, Hkv, R])``: ``o / l`` is the attention
-    output, ``m`` the row max of the logits, ``l`` the softmax denominator (0 for rows that see
-    no key).
   """
   b, hkv, rows, d = q_rows.shape
-  num_keys = k.shape[2]
-  tile = min(tile, num_keys)
-  q_pos = q_pos_rows[:, None, :, None]  # [B, 1, R, 1]
-
-  def step(j, carry):
-    start = jnp.minimum(j * tile, num_keys - tile)
-    kb = jax.lax.dynamic_slice_in_dim(k, start, tile, axis=2)  # [B, Hkv, tile, D]
-    vb = jax.lax.dynamic_slice_in_dim(v, start, tile, axis=2)
-    kp = _key_positions(jax.lax.dynamic_slice_in_dim(k_pos, start, tile, axis=-1))
-    fresh = (start + jnp.arange(tile) >= j * tile)[None, None, None, :]  # not read before
-    mask = fresh & (kp >= 0) & (kp <= q_pos) & (q_pos >= 0)  # [B, 1 or Hkv, R, tile]
-    return _online_update(carry, q_rows, kb, vb, mask)
-
+  fetch = _slice_fetch(k, v, k_pos, q_pos_rows, min(tile, k.shape[2]))
   init = empty_partial(b, hkv, rows, d) if init is None else init
-  if isinstance(num_tiles, int) and num_tiles == 1:
-    return step(0, init)
-  return jax.lax.fori_loop(0, num_tiles, step, init)
+  return tile_loop(q_rows, lambda j: fetch(j)[:3], num_tiles, init)
 
 
 def _blocked_chunk(q, k, v, positions, block_size: int):
@@ -196,10 +262,11 @@ def causal_attention(q, k, v, positions, *, block_size: int = 512, key_block: in
       kp = jax.lax.dynamic_slice_in_dim(positions, start, tile, axis=1)[:, None, None, :]
       mask = (kp >= 0) & (kp <= qp) & (qp >= 0)  # [B, 1, rows, tile]
       part = _online_update(part, qb, key_tile(kt, start), key_tile(vt, start), mask)
-    part = jax.lax.fori_loop(
-        0, i * diagonal_tiles,
-        lambda j, c: _online_update(c, qb, key_tile(kt, j * tile), key_tile(vt, j * tile)),
-        part)
+    if padded > block:  # earlier blocks' keys (a one-block chunk has none: no loop)
+      part = jax.lax.fori_loop(
+          0, i * diagonal_tiles,
+          lambda j, c: _online_update(c, qb, key_tile(kt, j * tile), key_tile(vt, j * tile)),
+          part)
     return tuple(jax.lax.dynamic_update_slice_in_dim(a, p, i * rows, axis=2)
                  for a, p in zip(acc, part))
 
@@ -234,6 +301,11 @@ def causal_key_sums(q, k, positions, lse_rows, *, block_size: int = 256,
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   group = hq // hkv
+  if t == 1:  # a decode step: the token's own key, seen by itself
+    q_rows = fold_queries(q * (d**-0.5), hkv)  # [B, Hkv, G, D]
+    logit = jnp.einsum("bhrd,bhd->bhr", q_rows, k[:, 0], preferred_element_type=jnp.float32)
+    seen = (positions[:, 0] >= 0)[:, None, None]
+    return jnp.where(seen, jnp.exp(logit - lse_rows), 0.0)[..., None]  # [B, Hkv, G, 1]
   block, padded, (q_rows, kt), positions, q_pos_rows = _blocked_chunk(
       q, k, None, positions, block_size)
   lse_rows = jnp.pad(lse_rows, ((0, 0), (0, 0), (0, (padded - t) * group)))
@@ -275,74 +347,20 @@ def tiled_key_sums(q_rows, q_pos_rows, k, k_pos, lse_rows, *, group: int, tile: 
   Returns:
     ``[B, Hkv, group, S]`` float32.
   """
-  b, hkv, rows, _ = q_rows.shape
+  b, hkv, _, _ = q_rows.shape
   num_keys = k.shape[2]
-  tile = min(tile, num_keys)
-  qp = q_pos_rows[:, None, :, None]  # [B, 1, R, 1]
-  lse = lse_rows[..., None]  # [B, Hkv, R, 1]
+  fetch = _slice_fetch(k, None, k_pos, q_pos_rows, min(tile, num_keys))
 
   def key_tile(j, sums):
-    start = jnp.minimum(j * tile, num_keys - tile)
-    kb = jax.lax.dynamic_slice_in_dim(k, start, tile, axis=2)  # [B, Hkv, tile, D]
-    kp = _key_positions(jax.lax.dynamic_slice_in_dim(k_pos, start, tile, axis=-1))
-    fresh = (start + jnp.arange(tile) >= j * tile)[None, None, None, :]
-    mask = fresh & (kp >= 0) & (kp <= qp) & (qp >= 0)  # [B, 1 or Hkv, R, tile]
-    logits = jnp.einsum("bhrd,bhsd->bhrs", q_rows, kb, preferred_element_type=jnp.float32)
-    p = jnp.where(mask, jnp.exp(logits - lse), 0.0)  # [B, Hkv, R, tile]
-    part = p.reshape(b, hkv, rows // group, group, tile).sum(axis=2)  # [B, Hkv, G, tile]
-    old = jax.lax.dynamic_slice_in_dim(sums, start, tile, axis=3)
+    kb, _, mask, start = fetch(j)
+    part = tile_key_sums(q_rows, kb, mask, lse_rows, group)  # [B, Hkv, G, tile]
+    old = jax.lax.dynamic_slice_in_dim(sums, start, part.shape[-1], axis=3)
     return jax.lax.dynamic_update_slice_in_dim(sums, old + part, start, axis=3)
 
   sums = jnp.zeros((b, hkv, group, num_keys), jnp.float32) if init is None else init
   if isinstance(num_tiles, int) and num_tiles == 1:
     return key_tile(0, sums)
   return jax.lax.fori_loop(0, num_tiles, key_tile, sums)
-
-
-def attention_over_slots(qg, k_cached, v_cached, cached_positions, k_new, v_new, positions, *,
-                         num_filled, observed=None, tile: int = 256):
-  """New tokens attending over a compressed cache's per-head slots and over themselves.
-
-  The paged cache's attention: :func:`tiled_attention` over the cached slots (per-head
-  positions; only the tiles up to ``num_filled`` are read), :func:`causal_attention` over the
-  chunk, merged by log-sum-exp. When a policy needs its statistic, the attention each slot and
-  each new token receives from the ``observed`` queries comes from the merged row
-  log-sum-exps (:func:`tiled_key_sums`, :func:`causal_key_sums`): no ``[T, C + T]``
-  probability array is stored. A decode step (``T == 1``) reads the cache as one tile.
-
-  Args:
-    qg: ``[B, Hkv, G, T, D]`` queries, rotated as the cache's position mode wants (unscaled).
-    k_cached, v_cached: ``[B, Hkv, C, D]`` per-head views of the cache.
-    cached_positions: ``[B, Hkv, C]`` int32 original positions, ``-1`` for an empty slot.
-    k_new, v_new: ``[B, Hkv, T, D]`` the chunk's keys (rotated as the mode wants) and values.
-    positions: ``[B, T]`` int32 positions of the new tokens, ``-1`` for padding.
-    num_filled: int or traced int32, an upper bound on the filled slots of any head.
-    observed: ``[B, T]`` bool queries whose attention is summed, or None (no statistic).
-    tile: cached slots per tile of a chunk.
-
-  Returns:
-    ``out [B, T, Hq, D]`` in ``v_new.dtype`` and ``sums [B, Hkv, G, C + T]`` float32 (cached
-    slots, then the new tokens; None when ``observed`` is None).
-  """
-  b, hkv, group, t, d = qg.shape
-  num_cached = k_cached.shape[2]
-  q = qg.transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * group, d)  # [B, T, Hq, D]
-  k_t, v_t = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)  # [B, T, Hkv, D]
-  q_rows = fold_queries(q * (d**-0.5), hkv)  # [B, Hkv, T * G, D]
-  q_pos_rows = jnp.repeat(positions, group, axis=1)  # [B, T * G]
-  key_tile = num_cached if t == 1 else min(tile, num_cached)
-  num_tiles = 1 if key_tile == num_cached else (num_filled + key_tile - 1) // key_tile
-  cached = tiled_attention(q_rows, q_pos_rows, k_cached, v_cached, cached_positions,
-                           tile=key_tile, num_tiles=num_tiles)
-  o, m, l = merge_partials([cached, causal_attention(q, k_t, v_t, positions)])
-  out = unfold_outputs(normalize(o, l), t).astype(v_new.dtype)
-  if observed is None:
-    return out, None
-  lse = jnp.where(jnp.repeat(observed, group, axis=1)[:, None, :], row_lse(m, l), jnp.inf)
-  sums_cached = tiled_key_sums(q_rows, q_pos_rows, k_cached, cached_positions, lse,
-                               group=group, tile=key_tile, num_tiles=num_tiles)
-  sums_new = causal_key_sums(q, k_t, positions, lse)
-  return out, jnp.concatenate([sums_cached, sums_new], axis=-1)
 
 
 def row_lse(m, l):
@@ -365,11 +383,12 @@ __all__ = [
     "normalize",
     "position_mask",
     "empty_partial",
+    "tile_loop",
+    "tile_key_sums",
     "tiled_attention",
     "causal_attention",
     "causal_key_sums",
     "tiled_key_sums",
-    "attention_over_slots",
     "row_lse",
     "self_attention",
 ]

@@ -1,8 +1,8 @@
 """Reference attention of a chunk of new tokens over a compressed cache, in plain jnp.
 
 The numerics oracle the tests hold the library's attention to (the paged cache attends through
-:func:`headkv_jax.attention.attention_over_slots`, the Pallas kernel through its own
-reference): simple, materialises the full probability matrix and returns it, from which the
+the tile loop of :mod:`headkv_jax.attention` over each head's slots, the Pallas kernel
+through its own reference): simple, materialises the full probability matrix and returns it, from which the
 per-slot statistics of a policy (H2O's accumulated attention, SnapKV's observation window) are
 plain sums.
 

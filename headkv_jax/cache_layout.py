@@ -1,67 +1,140 @@
-"""Static layout of a paged layer: which slots each KV head and each bit class own.
+"""Static layout of the paged cache: which slots of which pool each (layer, KV head) owns.
 
-A layer's slots ``[0, S)`` are split into one block per *bit class* (the heads with the same
-(key bits, value bits)), classes in order of their first head; inside a block every head owns
-a fixed, page-aligned region of ``round_up(budget + chunk_size, page_size)`` slots. adakv
-(one class: its heads share one pool) packs regions from one total instead. Everything here
-but :func:`join_classes` is plain Python / numpy on static configuration: it decides array
-shapes, never values.
+The cache keeps **one pool per bit class for the whole model** (a bit class = the heads, of
+any layer, stored at the same (key bits, value bits)). A pool's slots are grouped by layer:
+layer ``l``'s heads of class ``c`` own the block ``[base[c, l], base[c, l] + count[c, l])``, and
+inside it every head owns a page-aligned region of ``round_up(budget + chunk_size, page_size)``
+slots (adakv, whose heads trade budget, shares one block per layer and re-packs it). So:
+
+* every layer has the same array shapes: budgets move between layers through block sizes,
+  which are *data* (this module's tables, read with a traced layer index), not array shapes.
+  One compiled program serves every layer (a ``fori_loop`` / ``scan`` over layers, or one
+  layer program called 30 times);
+* the allocated slots are exactly the sum of the heads' regions: nothing is padded to the
+  largest layer or head (a pool holds what its heads need, and a 16-bit head costs no
+  quantized bytes and vice versa).
+
+Everything here is plain numpy on static configuration: it decides array shapes and the
+tables a traced program indexes, never values.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+import functools
 
-import jax.numpy as jnp
 import numpy as np
 
 from headkv_jax import quantization
 from headkv_jax import slot_pool
 
 
-class BitClass(NamedTuple):
-  """One bit class of a layer: its heads' regions are the layer's slots
-  ``[base, base + slots)``, stored in the class's own K/V stores."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layout:
+  """The model-wide layout of a paged cache (numpy tables, indexed by layer under ``jit``).
 
-  bits: tuple[int, int]  # (key bits, value bits)
-  heads: tuple[int, ...]  # KV heads of the class, ascending
-  base: int  # first layer slot of the class's block
-  slots: int  # slots of the class's block (its stores' second axis)
+  Attributes:
+    pairs: ``[C]`` (key bits, value bits) of each class, in order of first appearance.
+    class_of: ``[L, Hkv]`` the class of every head.
+    region: ``[L, Hkv]`` slots of a head's fixed region (adakv: 0, regions move).
+    first_slot: ``[L, Hkv]`` where a head's region starts in its class's pool when empty.
+    base, count: ``[C, L]`` first slot and size of layer ``l``'s block in pool ``c`` (0 slots
+      where the layer has no head of the class).
+    window: ``[C]`` the largest block of each pool (the span one layer's eviction rewrites).
+    slots: ``[C]`` slots of each pool.
+    fp_row: ``[L, Hkv]`` row of a quantized head in its class's full-precision window
+      (``-1`` for 16-bit heads); ``fp_rows``: ``[C]`` rows per class.
+    max_region: most slots one head can hold (the per-head view length).
+    adaptive: adakv's shared blocks.
+  """
+
+  pairs: tuple[tuple[int, int], ...]
+  class_of: np.ndarray
+  region: np.ndarray
+  first_slot: np.ndarray
+  base: np.ndarray
+  count: np.ndarray
+  window: tuple[int, ...]
+  slots: tuple[int, ...]
+  fp_row: np.ndarray
+  fp_rows: tuple[int, ...]
+  max_region: int
+  adaptive: bool
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.pairs)
+
+  @property
+  def num_layers(self) -> int:
+    return self.class_of.shape[0]
+
+  def quantized(self, c: int) -> bool:
+    return min(self.pairs[c]) < 16
+
+  def heads(self, layer: int, c: int) -> tuple[int, ...]:
+    """The KV heads of ``layer`` (a Python int) in class ``c``."""
+    return tuple(int(h) for h in np.flatnonzero(self.class_of[layer] == c))
 
 
-def layer_layout(budgets, bits, adaptive: bool, chunk_size: int, page_size: int):
-  """-> ``(classes, region sizes [Hkv] (None for adakv), first slots [Hkv])`` of one layer.
+@functools.lru_cache(maxsize=256)
+def _layout(budgets: tuple, bits: tuple, adaptive: bool, chunk_size: int,
+            page_size: int) -> Layout:
+  budgets = np.asarray(budgets, np.int64)  # [L, Hkv]
+  bits = np.asarray(bits, np.int64)  # [L, Hkv, 2]
+  num_layers, hkv = budgets.shape
+  pairs = list(dict.fromkeys((int(k), int(v)) for k, v in bits.reshape(-1, 2)))
+  class_of = np.array([[pairs.index((int(k), int(v))) for k, v in row] for row in bits])
+  need = slot_pool.round_up(budgets + chunk_size, page_size)  # [L, Hkv]
+  num_c = len(pairs)
+  base = np.zeros((num_c, num_layers), np.int64)
+  count = np.zeros((num_c, num_layers), np.int64)
+  first = np.zeros((num_layers, hkv), np.int64)
+  region = np.zeros((num_layers, hkv), np.int64)
+  fp_row = np.full((num_layers, hkv), -1, np.int64)
+  fill = [0] * num_c
+  rows = [0] * num_c
+  max_region = 0
+  for l in range(num_layers):
+    for c in range(num_c):
+      heads = np.flatnonzero(class_of[l] == c)
+      base[c, l] = fill[c]
+      if not len(heads):
+        continue
+      if adaptive:  # one block, regions packed from its first slot (re-packed on eviction)
+        total = int(budgets[l, heads].sum())
+        count[c, l] = slot_pool.round_up(total + len(heads) * (chunk_size + page_size - 1),
+                                          page_size)
+        first[l, heads] = fill[c] + np.cumsum(need[l, heads]) - need[l, heads]
+        max_region = max(max_region, total + chunk_size)
+      else:
+        first[l, heads] = fill[c] + np.cumsum(need[l, heads]) - need[l, heads]
+        region[l, heads] = need[l, heads]
+        count[c, l] = int(need[l, heads].sum())
+        max_region = max(max_region, int(need[l, heads].max()))
+      fill[c] += int(count[c, l])
+      if min(pairs[c]) < 16:
+        fp_row[l, heads] = rows[c] + np.arange(len(heads))
+        rows[c] += len(heads)
+  window = tuple(int(count[c].max()) for c in range(num_c))
+  return Layout(pairs=tuple(pairs), class_of=class_of, region=region, first_slot=first,
+                base=base, count=count, window=window, slots=tuple(fill),
+                fp_row=fp_row, fp_rows=tuple(rows), max_region=int(max_region),
+                adaptive=bool(adaptive))
+
+
+def layout(budgets, bits, adaptive: bool, chunk_size: int, page_size: int) -> Layout:
+  """The :class:`Layout` of a cache (memoised on its static configuration).
 
   Args:
-    budgets: ``[Hkv]`` ints, the layer's budgets.
-    bits: ``[Hkv]`` (key bits, value bits) pairs.
-    adaptive: adakv's shared pool (``sum(budgets)`` plus one chunk and a page per head).
+    budgets: ``[L][Hkv]`` ints (nested tuples or an array).
+    bits: ``[L][Hkv]`` (key bits, value bits) pairs.
+    adaptive: adakv's shared blocks (one class per layer).
     chunk_size, page_size: as the cache's.
   """
-  pairs = list(dict.fromkeys(bits))
-  heads = [tuple(h for h, p in enumerate(bits) if p == pair) for pair in pairs]
-  need = np.array([slot_pool.round_up(int(b) + chunk_size, page_size) for b in budgets])
-  if adaptive:
-    slack = len(budgets) * (chunk_size + page_size - 1)
-    slots = slot_pool.round_up(int(np.sum(budgets)) + slack, page_size)
-    return (BitClass(pairs[0], heads[0], 0, slots),), None, np.cumsum(need) - need
-  offsets = np.zeros(len(budgets), np.int64)
-  classes, base = [], 0
-  for pair, hs in zip(pairs, heads):
-    start = base
-    for h in hs:
-      offsets[h] = base
-      base += need[h]
-    classes.append(BitClass(pair, hs, start, base - start))
-  return tuple(classes), need, offsets
-
-
-def join_classes(xs, classes):
-  """Per-class arrays ``[B, Hc, ...]`` (in ``classes`` order) -> ``[B, Hkv, ...]`` in head order."""
-  if len(xs) == 1:
-    return xs[0]
-  order = np.argsort(np.concatenate([c.heads for c in classes]))  # class order -> heads
-  return jnp.concatenate(xs, axis=1)[:, order]
+  as_tuple = lambda x: tuple(map(as_tuple, x)) if np.ndim(x) else int(x)
+  return _layout(as_tuple(np.asarray(budgets)), as_tuple(np.asarray(bits)), bool(adaptive),
+                 int(chunk_size), int(page_size))
 
 
 def as_bits(bits, shape) -> np.ndarray:
@@ -85,4 +158,4 @@ def as_bits(bits, shape) -> np.ndarray:
   return bits.astype(np.int64)
 
 
-__all__ = ["BitClass", "layer_layout", "join_classes", "as_bits"]
+__all__ = ["Layout", "layout", "as_bits"]

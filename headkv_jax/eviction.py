@@ -1,10 +1,16 @@
 """Eviction: applying a policy to every layer of a :class:`~headkv_jax.paged_cache.PagedKVCache`.
 
-:func:`compress` is what ``PagedKVCache.compress`` runs. Per layer it decides (on device, with
-``lax.cond`` under ``jit``) whether any head needs eviction; if so it reads each head's view,
-asks the policy for a keep mask (:func:`headkv_jax.policies.select_keep`), and writes the
-survivors, in position order, to the front of their head's region. Fixed-size regions stay
-where they are; adakv's regions are re-packed because its heads' sizes change.
+:func:`compress` is what ``PagedKVCache.compress`` runs: one compiled ``fori_loop`` over the
+layers (every layer has the same shapes), and per layer a ``lax.cond`` on whether any head
+needs eviction. A layer's eviction reads only per-slot *metadata* (positions and the policy's
+statistic of each head's slots), asks the policy for a keep mask
+(:func:`headkv_jax.policies.select_keep`), and then moves K/V within the layer's block of each
+pool: one gather over the block (``layout.window`` slots), survivors in position order at the
+front of their head's region, codes with their scales. Fixed-size regions stay where they
+are; adakv's regions are re-packed because its heads' sizes change.
+
+:func:`rechunk` re-packs a cache into the pools of another ``chunk_size`` (prefill's room for a
+chunk -> decoding's room for one token), one gather per pool.
 """
 
 from __future__ import annotations
@@ -13,10 +19,19 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from headkv_jax import policies as policies_lib
 from headkv_jax import slot_pool
 from headkv_jax import slot_store
+
+
+def _traced(*trees) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(trees))
+
+
+def _at(table, layer):
+  return jnp.asarray(np.asarray(table))[layer]
 
 
 def compress(cache, oracle_scores: Sequence[jnp.ndarray] | None = None,
@@ -29,31 +44,38 @@ def compress(cache, oracle_scores: Sequence[jnp.ndarray] | None = None,
     raise ValueError("policy 'oracle' needs oracle_scores (per layer [B, H, positions]).")
   if headroom is not None and not 0 < headroom <= cache.chunk_size:
     raise ValueError(f"headroom must be in [1, chunk_size={cache.chunk_size}], got {headroom}.")
-  out = cache
-  for i, layer_cache in enumerate(cache.layers):
-    oracle = None if oracle_scores is None else oracle_scores[i]
-    evict = lambda lc, o, i=i: compress_layer(out.with_layer(i, lc), i, o)
-    needed = needs_eviction(cache, i, headroom)
-    if isinstance(needed, jax.core.Tracer):
-      new = jax.lax.cond(needed, evict, lambda lc, o: lc, layer_cache, oracle)
-    else:  # eager: decide in Python (an eager lax.cond would recompile on every call)
-      new = evict(layer_cache, oracle) if bool(needed) else layer_cache
-    out = out.with_layer(i, new)
-  return out
+  oracle = None
+  if oracle_scores is not None:
+    oracle = jnp.stack([jnp.asarray(o, jnp.float32) for o in oracle_scores])  # [L, B, H, P]
+  if _traced(cache, oracle):
+    return _compress(cache, oracle, headroom)
+  return _compress_jit(cache, oracle, headroom)  # eager callers: one compiled program
 
 
-def needs_eviction(cache, layer: int, headroom: int | None):
+def _compress(cache, oracle, headroom):
+  def body(layer, cache):
+    o = None if oracle is None else oracle[layer]
+    return jax.lax.cond(needs_eviction(cache, layer, headroom),
+                        lambda c: compress_layer(c, layer, o), lambda c: c, cache)
+
+  return jax.lax.fori_loop(0, cache.num_layers, body, cache)
+
+
+_compress_jit = jax.jit(_compress, static_argnums=2)
+
+
+def needs_eviction(cache, layer, headroom: int | None):
   """Scalar bool: a head of ``layer`` lacks room for ``headroom`` tokens (None: a chunk) or,
   when ``headroom`` is None, is over its budget (adakv: the layer is over its total)."""
-  lc = cache.layers[layer]
-  full = jnp.any(lc.lengths + (headroom or cache.chunk_size) > cache.room(layer))
+  n = cache.lengths[:, layer]  # [B, Hkv]
+  full = jnp.any(n + (headroom or cache.chunk_size) > cache.room(layer))
   if headroom is not None:
     return full
-  budgets = jnp.asarray(cache.budgets[layer], jnp.int32)  # [Hkv]
+  budgets = _at(cache.budgets, layer).astype(jnp.int32)  # [Hkv]
   if cache.policy.adaptive:
-    over = jnp.any(jnp.sum(lc.lengths, axis=1) > jnp.sum(budgets))
+    over = jnp.any(jnp.sum(n, axis=1) > jnp.sum(budgets))
   else:
-    over = jnp.any(lc.lengths > budgets[None, :])
+    over = jnp.any(n > budgets[None, :])
   return full | over
 
 
@@ -67,48 +89,120 @@ def oracle_slot_scores(oracle, positions, num_kv_heads: int, gqa_reduce: str):
   return jnp.take_along_axis(oracle.astype(jnp.float32), idx, axis=2)
 
 
-def compress_layer(cache, layer: int, oracle=None):
-  """Applies the policy to one layer -> its new ``LayerCache``.
+def _rows_gather(x, idx):
+  """``x [B, N, ...]`` at ``idx [B, M]`` (in range) -> ``[B, M, ...]``."""
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _moved(x, src, empty):
+  """``x [B, M, ...]`` rebuilt from ``src [B, M]`` (entry ``m`` takes ``x[src[m]]``, or
+  ``empty`` where ``src < 0``)."""
+  got = _rows_gather(x, jnp.maximum(src, 0))
+  keep = (src >= 0).reshape(src.shape + (1,) * (x.ndim - 2))
+  return jnp.where(keep, got, jnp.asarray(empty, x.dtype))
+
+
+def _move_pool(pool, src, start=None, window=None):
+  """``pool`` with its slots (or the ``window`` slots from ``start``) rebuilt from ``src``:
+  K/V move as stored (codes with their scales), emptied slots get position -1 and zeros."""
+
+  def move(x, empty):
+    if start is None:
+      return _moved(x, src, empty)
+    win = jax.lax.dynamic_slice_in_dim(x, start, window, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(x, _moved(win, src, empty), start, axis=1)
+
+  zero = lambda x: move(x, 0)
+  return pool.replace(
+      k=slot_store.tree(zero, pool.k), v=slot_store.tree(zero, pool.v),
+      positions=move(pool.positions, -1), scores=zero(pool.scores),
+      novelty=None if pool.novelty is None else zero(pool.novelty))
+
+
+def compress_layer(cache, layer, oracle=None):
+  """Applies the policy to one layer (a Python int or traced) -> the new cache.
 
   The policy reads positions and scores only; K/V move as stored (codes with their scales),
   so a survivor's dequantized K/V are unchanged.
   """
-  lc = cache.layers[layer]
-  num_slots = lc.positions.shape[1]
-  pc, sc, view_idx = cache.slot_view(layer)  # [B, Hkv, C]
+  lay = cache.layout
+  policy = cache.policy
+  idx, valid, pc, sc, nov = cache.slot_meta(layer)  # [B, Hkv, C]
+  n = cache.lengths[:, layer]
   if oracle is not None:
-    sc = oracle_slot_scores(oracle, pc, cache.num_kv_heads, cache.policy.gqa_reduce)
-  keep = policies_lib.select_keep(cache.policy, sc, lc.lengths, cache.budgets[layer])
-  idx, lengths = policies_lib.compact(keep)  # [B, Hkv, C], [B, Hkv]
-  c = jnp.arange(idx.shape[-1], dtype=jnp.int32)
-  kept = c < lengths[:, :, None]  # [B, Hkv, C]
+    sc = oracle_slot_scores(oracle, pc, cache.num_kv_heads, policy.gqa_reduce)
+  elif policy.uses_novelty:
+    sc = policies_lib.novelty_scores(policy, nov, sc, valid)
+  keep = policies_lib.select_keep(policy, sc, n, _at(cache.budgets, layer))
+  order, new_n = policies_lib.compact(keep)  # [B, Hkv, C], [B, Hkv]
+  size = idx.shape[-1]
+  c_ar = jnp.arange(size, dtype=jnp.int32)
+  kept = c_ar < new_n[..., None]  # [B, Hkv, C]
+  src = jnp.take_along_axis(idx, order, axis=2)  # pool slot of each survivor, in order
+  off = cache.offsets[:, layer]
+  if lay.adaptive:  # head sizes changed: re-pack the layer's block
+    c0 = _at(lay.class_of, layer)[0]
+    block = jnp.asarray(lay.base)[c0, layer]
+    off = block + slot_pool.region_starts(new_n, cache.chunk_size, cache.page_size)
+  dst = off[..., None] + c_ar  # [B, Hkv, C]
+  pools = []
+  for c, pool in enumerate(cache.pools):
+    window = lay.window[c]
+    num_slots = pool.positions.shape[1]
+    base = _at(lay.base[c], layer)
+    count = _at(lay.count[c], layer)
+    start = jnp.clip(base, 0, num_slots - window)
+    w = start + jnp.arange(window, dtype=jnp.int32)  # pool slots of the window
+    inside = (w >= base) & (w < base + count)  # this layer's block: rebuilt
+    srcmap = jnp.broadcast_to(jnp.where(inside, -1, w - start), (cache.batch, window))
+    ok = kept & cache.members(layer, c)[None, :, None]
+    t_local = jnp.where(ok, dst - start, window).reshape(cache.batch, -1)
+    s_local = (src - start).reshape(cache.batch, -1)
+    srcmap = jax.vmap(lambda m, t, s: m.at[t].set(s, mode="drop"))(srcmap, t_local, s_local)
+    pools.append(_move_pool(pool, srcmap, start, window))
+  return cache.replace(pools=tuple(pools), lengths=cache.lengths.at[:, layer].set(new_n),
+                       offsets=cache.offsets.at[:, layer].set(off))
 
-  def take(x, empty, heads=slice(None)):  # survivors to the front, the rest emptied
-    i, k = idx[:, heads], kept[:, heads]
-    x = jnp.take_along_axis(x, i.reshape(i.shape + (1,) * (x.ndim - 3)), axis=2)
-    return jnp.where(k.reshape(k.shape + (1,) * (x.ndim - 3)), x, empty)
 
-  raw = [slot_store.tree(lambda x, h=cls.heads: take(x, 0, h), kv)
-         for cls, kv in zip(cache.classes(layer), cache.raw_view(layer, view_idx))]
-  kept_pos, kept_sc = take(pc, -1), take(sc, 0.0)
-  if view_idx is None:  # uniform fixed regions: the view *is* the pool
-    (k, v), = raw
-    flat = lambda x, like: x.reshape(like.shape)
-    return lc.replace(k=(slot_store.tree(flat, k, lc.k[0]),),
-                      v=(slot_store.tree(flat, v, lc.v[0]),),
-                      positions=kept_pos.reshape(lc.positions.shape),
-                      scores=kept_sc.reshape(lc.scores.shape), lengths=lengths)
-  offsets = lc.offsets
-  if cache.policy.adaptive:  # head sizes changed: re-pack the regions
-    offsets = slot_pool.region_starts(lengths, cache.chunk_size, cache.page_size)  # [B, Hkv]
-  target = jnp.where(kept, offsets[:, :, None] + c, num_slots)  # [B, Hkv, C]
-  new = lc.replace(
-      positions=slot_pool.scatter(jnp.full_like(lc.positions, -1), target, kept_pos),
-      scores=slot_pool.scatter(jnp.zeros_like(lc.scores), target, kept_sc),
-      offsets=offsets,
-      lengths=lengths,
-  )
-  return cache.write_kv(layer, new, raw, target)
+def rechunk(cache, chunk_size: int, oracle_scores=None):
+  """``cache`` compressed and re-packed with room for ``chunk_size`` tokens per head (see
+  ``PagedKVCache.rechunk``)."""
+  if not _traced(cache, oracle_scores):
+    return _rechunk_jit(cache, chunk_size, oracle_scores)
+  return _rechunk(cache, chunk_size, oracle_scores)
 
 
-__all__ = ["compress", "needs_eviction", "oracle_slot_scores", "compress_layer"]
+def _rechunk(cache, chunk_size: int, oracle_scores=None):
+  cache = cache.compress(oracle_scores)
+  new = type(cache).create(
+      cache.num_layers, cache.batch, cache.num_kv_heads, cache.head_dim,
+      np.asarray(cache.budgets), cache.policy, chunk_size=chunk_size, dtype=cache.dtype,
+      page_size=cache.page_size, bits=cache.head_bits, quant_group=cache.quant_group,
+      residual=cache.residual, fp_sinks=cache.fp_sinks, attention_impl=cache.attention_impl)
+  lay = new.layout
+  n = cache.lengths  # [B, L, Hkv]
+  offsets = new.offsets
+  if lay.adaptive:
+    c0 = lay.class_of[:, 0]  # [L]
+    block = jnp.asarray(lay.base[c0, np.arange(cache.num_layers)], jnp.int32)  # [L]
+    offsets = block[None, :, None] + slot_pool.region_starts(n, chunk_size, cache.page_size)
+  size = lay.max_region
+  j = jnp.arange(size, dtype=jnp.int32)
+  held = j < n[..., None]  # [B, L, Hkv, R]
+  pools = []
+  for c, (old, pool) in enumerate(zip(cache.pools, new.pools)):
+    num_slots = pool.positions.shape[1]
+    member = jnp.asarray(lay.class_of == c)[None, :, :, None]  # [1, L, Hkv, 1]
+    dst = jnp.where(held & member, offsets[..., None] + j, num_slots).reshape(cache.batch, -1)
+    src = (cache.offsets[..., None] + j).reshape(cache.batch, -1)
+    srcmap = jnp.full((cache.batch, num_slots), -1, jnp.int32)
+    srcmap = jax.vmap(lambda m, t, s: m.at[t].set(s, mode="drop"))(srcmap, dst, src)
+    moved = _move_pool(old, srcmap)  # old pool's slots gathered into the new pool's
+    pools.append(moved.replace(fp=old.fp))
+  return new.replace(pools=tuple(pools), offsets=offsets, lengths=n, dropped=cache.dropped)
+
+
+_rechunk_jit = jax.jit(_rechunk, static_argnums=1)
+
+
+__all__ = ["compress", "needs_eviction", "oracle_slot_scores", "compress_layer", "rechunk"]

@@ -1,8 +1,8 @@
 """The full-precision tokens of a quantized bit class: its sinks and its recent residual.
 
 KIVI keeps the most recent tokens in full precision (without them 2-bit accuracy collapses),
-and attention sinks are the first tokens. A quantized class of a layer keeps, per row and KV
-head, ``F = sinks + residual`` entries in the cache dtype: position ``p < sinks`` at entry
+and attention sinks are the first tokens. A quantized class keeps, per row and (layer, KV
+head) of the class, ``F = sinks + residual`` entries in the cache dtype: position ``p < sinks`` at entry
 ``p``, any later position at ``sinks + p % residual`` (a ring that always holds the last
 ``residual`` tokens written). Its slots also hold those tokens quantized; a reader takes the
 window's copy wherever the window holds the slot's position (:func:`read`).
@@ -50,9 +50,11 @@ def read(fp: FpWindow, pos, k, v, sinks: int, residual: int):
   return k, v, held
 
 
-def write(fp: FpWindow, positions, k, v, sinks: int, residual: int) -> FpWindow:
+def write(fp: FpWindow, rows, positions, k, v, sinks: int, residual: int) -> FpWindow:
   """``fp`` with the sinks and the last ``residual`` real tokens of ``positions [B, T]``
-  (``k, v [B, Hc, T, D]``) written; padding (position -1) and older tokens are skipped."""
+  written (padding, position -1, and older tokens are skipped): head ``h`` of ``k, v
+  [B, Hkv, T, D]`` goes to window row ``rows[h]`` (``rows [Hkv]`` int32, the rows of one
+  layer's heads in their class's window; a row ``>= fp.pos.shape[1]`` is not written)."""
   tok_valid = positions >= 0
   n_real = jnp.sum(tok_valid, axis=1, keepdims=True)
   rank = jnp.cumsum(tok_valid, axis=1) - 1
@@ -60,13 +62,14 @@ def write(fp: FpWindow, positions, k, v, sinks: int, residual: int) -> FpWindow:
   recent = tok_valid & (rank >= n_real - residual) & (positions >= sinks)
   size = fp.pos.shape[-1]
   j = jnp.where(sink | recent, index(positions, sinks, residual), size)  # [B, T]; F = drop
-  b, hc = fp.pos.shape[:2]
-  j = jnp.broadcast_to(j[:, None, :], (b, hc, j.shape[1]))  # [B, Hc, T]
+  hkv = k.shape[1]
+  j = jnp.broadcast_to(j[:, None, :], (j.shape[0], hkv, j.shape[1]))  # [B, Hkv, T]
+  r = jnp.broadcast_to(rows[None, :, None], j.shape)  # [B, Hkv, T]
 
-  def put(pool, x):  # mapped over rows and heads (see slot_pool.scatter)
-    def one(p, i, v):  # p [F, ...], i [T], v [T, ...]
-      return p.at[i].set(v.astype(p.dtype), mode="drop")
-    return jax.vmap(jax.vmap(one))(pool, j, x)
+  def put(pool, x):  # per row of the batch: pool [R, F, ...] at (rows, entries)
+    def one(p, rr, jj, vv):
+      return p.at[rr, jj].set(vv.astype(p.dtype), mode="drop")
+    return jax.vmap(one)(pool, r, j, x)
 
   return FpWindow(k=put(fp.k, k), v=put(fp.v, v),
                   pos=put(fp.pos, jnp.broadcast_to(positions[:, None, :], j.shape)))

@@ -1,44 +1,43 @@
-"""The compressed KV cache: per-layer page pools sized from per-head budgets.
+"""The compressed KV cache: model-wide page pools, one per bit class, per-head regions.
 
-Layout (per layer ``l``, one pool per array, batch rows side by side)::
+Layout (:mod:`headkv_jax.cache_layout`; ``c`` = a bit class, ``S_c`` its slots)::
 
-    k, v       [B, S_l, D]   slot pool; a page is ``page_size`` consecutive slots
-    positions  [B, S_l]      int32 original position of each slot, -1 when empty
-    scores     [B, S_l]      float32 per-slot statistic of the policy (H2O / SnapKV)
-    offsets    [B, Hkv]      int32 first slot of each KV head's region (page aligned)
-    lengths    [B, Hkv]      int32 tokens each KV head holds
+    pools[c].k, .v     [B, S_c, ...]  K / V of every (layer, head) of class c (a store:
+                                      the cache dtype at 16 bits, else packed codes + scales)
+    pools[c].positions [B, S_c]       int32 original position of each slot, -1 when empty
+    pools[c].scores    [B, S_c]       float32 the policy's per-slot statistic
+    pools[c].novelty   [B, S_c]       float32 KeyDiff key novelty (KeyDiff policies only)
+    pools[c].fp        FpWindow       sinks + recent residual of quantized heads, cache dtype
+    offsets            [B, L, Hkv]    int32 first slot of each head's region in its pool
+    lengths            [B, L, Hkv]    int32 tokens each head holds
+    dropped            [B, L, Hkv]    int32 tokens lost to a full region (0 when driven as
+                                      documented)
 
-KV head ``h`` of row ``b`` owns the contiguous, page-aligned region
-``[offsets[b, h], offsets[b, h + 1])`` and keeps its tokens in position order at its front.
-A region holds the head's budget plus room for one chunk of new tokens,
-``round_up(budget[l, h] + chunk_size, page_size)`` slots, and ``S_l`` is their sum: the
-allocated bytes fall with the budgets (no padding to the largest budget, no masked-out
-full-length arrays), and K/V are stored once per KV head, never per query head.
+A head's region is a run of whole pages of its class's pool holding only its own tokens, in
+position order at its front: ``round_up(budget + chunk_size, page_size)`` slots, so the
+allocated bytes are the sum of the budgets' regions (nothing padded to the largest head or
+layer) and K/V are stored once per KV head, never per query head. The page table of a head
+is implied by its offset (:meth:`PagedKVCache.page_table`, what the Pallas kernel reads):
+eviction compacts a head in place, so its pages never fragment.
 
-Why contiguous regions rather than free-listed pages: eviction compacts a head anyway, so a
-head's pages never fragment; the page table is implied by ``offsets`` (see
-:meth:`PagedKVCache.page_table` for a kernel) and every read or write is a gather, scatter or
-reshape of static shape. When all heads of a layer share one budget (the common case) the
-per-head view ``[B, Hkv, region, D]`` is a free reshape of the pool, so attention reads K/V in
-place. adakv moves budget between the heads of a layer, so its heads' sizes change: its pool
-holds ``round_up(sum_h budget[l, h] + Hkv * (chunk_size + page_size - 1), page_size)`` slots and
-every eviction re-packs the regions to ``round_up(length + chunk_size, page_size)`` each.
+**Every layer has the same array shapes.** Budgets and bits move between layers through the
+layout's tables (block offsets and sizes, indexed by the layer), not through shapes, so
+``attend``, ``append`` and eviction take the layer as a Python int *or a traced int32*: one
+compiled program serves every layer (layer-by-layer prefill calls one program 30 times;
+``compress`` is one ``fori_loop`` over layers).
 
-Per-layer pools (layers unrolled in Python) rather than one model-wide pool: the layers' totals
-may differ (pyramidkv, model-wide budgets) and unrolled layers decoded fastest here.
+Attention reads each head's own slots tile by tile, gathered from its pool
+(:func:`headkv_jax.attention.tile_loop`), over as many tiles as the layer's longest head of
+the class holds: no per-head view padded to the largest head is materialised.
 
-Per-head precision (HAQ-KV): ``bits [layers][Hkv]`` holds each KV head's (key bits, value bits)
-in {16, 8, 4, 2}. The heads of one layer with the same pair form a *bit class*; each class
-keeps its K and V in its own store over its heads' regions (:mod:`headkv_jax.slot_store`:
-16-bit = the cache dtype; 8/4/2 = packed codes + one float16 scale and zero per token and
-group of ``quant_group`` channels), so a head's bytes follow its own bits. Positions, scores
-and the region bookkeeping stay layer-wide. A quantized class also keeps its first
-``fp_sinks`` tokens and its ``residual`` most recent tokens in the cache dtype (KIVI's
-full-precision residual: without it 2-bit accuracy collapses); attention reads those from the
-full-precision window and every other token dequantized. Tokens are quantized once, when
-written; compaction, eviction and re-packing move codes with their scales, so a kept token's
-dequantized K/V never change. ``view`` returns dequantized per-head views, so attention and
-the policies are the same code at every precision.
+Per-head precision (HAQ-KV): ``bits [L][Hkv]`` gives each head's (key bits, value bits) in
+{16, 8, 4, 2}; heads of one pair share a pool (one kernel launch sees one bit width).
+Quantized slots hold packed codes and one float16 scale + zero per token and group of
+``quant_group`` channels (:mod:`headkv_jax.slot_store`); a quantized head also keeps its
+first ``fp_sinks`` and its ``residual`` most recent tokens in the cache dtype (KIVI's
+residual), read from the window wherever it holds a slot's position. A token is quantized
+once, when written; eviction and re-packing move codes with their scales, so **a kept token's
+dequantized K/V never change**.
 
 Driving the cache (``budgets`` is ``[layers, Hkv]`` or one int)::
 
@@ -48,25 +47,21 @@ Driving the cache (``budgets`` is ``[layers, Hkv]`` or one int)::
     # (b) chunked prefill: per chunk of <= chunk_size tokens (peak = budget + chunk per head)
     for chunk, pos in chunks:
       logits, cache = model(chunk, pos, cache); cache = cache.compress()
-    # (c) decoding: one token per step, then compress: a head over its budget is evicted
-    #     (h2o, and every policy once full, then evicts one token per step) ...
+    # (c) decoding: one token per step, then compress: a head over its budget is evicted ...
     logits, cache = model(tok, pos, cache); cache = cache.compress()
-    #     ... or amortised: evict only when a head has no room left for the next token, i.e.
-    #     about once per chunk_size steps (heads hold budget..budget+chunk_size in between)
+    #     ... or amortised: evict only when a head has no room left for the next token
     cache = cache.compress(headroom=1)
     # oracle: cache.compress(oracle_scores=[per layer [B, Hq or Hkv, P] attention by position])
 
-Every call is jit-able (``jax.jit(step)`` with the cache as an argument; all shapes static;
-a layer that needs no eviction skips it through ``lax.cond``). ``attend`` requires
-``T <= chunk_size``; a head that would overflow its region (the caller skipped ``compress``)
-drops the overflowing tokens and counts them in ``LayerCache.dropped``. In ``position_mode="cache_relative"`` compaction changes the
-slots, hence the rotation, of the survivors (StreamingLLM's rolling positions).
+``attend`` requires ``T <= chunk_size``; a head that would overflow its region (the caller
+skipped ``compress``) drops the overflowing tokens and counts them in ``dropped``. In
+``position_mode="cache_relative"`` keys are stored un-rotated and rotated by their slot in
+their head's region (StreamingLLM's rolling positions).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import flax.struct
 import jax
@@ -83,7 +78,6 @@ from headkv_jax import quantization
 from headkv_jax import sharding
 from headkv_jax import slot_pool
 from headkv_jax import slot_store
-from headkv_jax.cache_layout import BitClass
 from headkv_jax.fp_window import FpWindow
 from pallas_kernels import packing
 
@@ -91,33 +85,36 @@ SUPPORTED_BITS = quantization.SUPPORTED_BITS
 QUANT_GROUP = 32  # channels sharing one scale + zero (KIVI's group size)
 RESIDUAL = 32  # most recent tokens a quantized head keeps in the cache dtype
 FP_SINKS = 4  # first tokens a quantized head keeps in the cache dtype
+TILE = 256  # slots per attention tile
 
 
 @flax.struct.dataclass
-class LayerCache:
-  """One layer's pools (see the module docstring for the layout).
+class Pool:
+  """One bit class's slots, for every layer (see the module docstring).
 
   Attributes:
-    k, v: per bit class, a :mod:`~headkv_jax.slot_store` store over the class's slots
-      ``[B, S_c, ...]``: keys (rotated in "original" mode, un-rotated in "cache_relative")
-      and values.
-    positions: ``[B, S]`` int32 original position of each slot, ``-1`` when empty.
-    scores: ``[B, S]`` float32 the policy's per-slot statistic (0 when unused).
-    offsets: ``[B, Hkv]`` int32 first slot of each KV head's region.
-    lengths: ``[B, Hkv]`` int32 tokens each KV head holds.
-    dropped: ``[B, Hkv]`` int32 tokens lost because a head's region was full (the caller
-      skipped ``compress``); stays 0 when the cache is driven as documented.
-    fp: per bit class, its :class:`FpWindow` (None for a 16-bit class).
+    k, v: :mod:`~headkv_jax.slot_store` stores ``[B, S_c, ...]``: keys (rotated in "original"
+      mode, un-rotated in "cache_relative") and values.
+    positions: ``[B, S_c]`` int32, ``-1`` when empty.
+    scores: ``[B, S_c]`` float32 the policy's statistic (0 when unused).
+    novelty: ``[B, S_c]`` float32 :func:`~headkv_jax.policies.key_novelty` of each held key
+      (KeyDiff policies; None otherwise).
+    fp: the class's :class:`FpWindow` ``[B, rows, F, D]`` (None for a 16-bit class).
   """
 
-  k: tuple
-  v: tuple
+  k: object
+  v: object
   positions: jnp.ndarray
   scores: jnp.ndarray
-  offsets: jnp.ndarray
-  lengths: jnp.ndarray
-  dropped: jnp.ndarray
-  fp: tuple = ()
+  novelty: jnp.ndarray | None = None
+  fp: FpWindow | None = None
+
+
+def _at(table, layer):
+  """Row ``layer`` (Python int or traced) of a numpy layout table, as a jnp array."""
+  if isinstance(layer, (int, np.integer)):
+    return jnp.asarray(table[int(layer)])
+  return jnp.asarray(table)[layer]
 
 
 @flax.struct.dataclass
@@ -125,22 +122,26 @@ class PagedKVCache:
   """Head-aware compressed KV cache for all layers (a pytree; static config in the treedef).
 
   Attributes:
-    layers: one :class:`LayerCache` per layer.
+    pools: one :class:`Pool` per bit class (``layout.pairs``).
+    offsets, lengths, dropped: ``[B, L, Hkv]`` int32 per-head bookkeeping.
     policy: the eviction :class:`~headkv_jax.policies.Policy`.
     budgets: ``[layers][Hkv]`` tokens each KV head keeps after a compression.
     bits: ``[layers][Hkv]`` (key bits, value bits) of each KV head, in {16, 8, 4, 2}.
     chunk_size: most new tokens one ``attend`` call may add.
     page_size: slots per page; head regions are page aligned.
-    dtype: the cache dtype (16-bit stores, full-precision windows, dequantized views).
+    dtype: the cache dtype (16-bit stores, full-precision windows, dequantized tiles).
     quant_group: channels per scale + zero of a quantized token.
     residual, fp_sinks: recent and first tokens a quantized head keeps in ``dtype``.
     attention_impl: "auto" | "pallas" | "xla", how decode steps attend
       (:mod:`headkv_jax.kernel_decode`): "pallas" = the fused Pallas kernel for ``T == 1`` in
       ``position_mode="original"`` (interpret mode off a GPU), XLA otherwise; "auto" =
-      "pallas" on a GPU backend, "xla" elsewhere (the kernel is GPU-only for now).
+      "pallas" on a GPU backend, "xla" elsewhere.
   """
 
-  layers: tuple[LayerCache, ...]
+  pools: tuple[Pool, ...]
+  offsets: jnp.ndarray
+  lengths: jnp.ndarray
+  dropped: jnp.ndarray
   policy: policies_lib.Policy = flax.struct.field(pytree_node=False)
   budgets: tuple[tuple[int, ...], ...] = flax.struct.field(pytree_node=False)
   bits: tuple[tuple[tuple[int, int], ...], ...] = flax.struct.field(pytree_node=False)
@@ -151,6 +152,9 @@ class PagedKVCache:
   residual: int = flax.struct.field(pytree_node=False, default=RESIDUAL)
   fp_sinks: int = flax.struct.field(pytree_node=False, default=FP_SINKS)
   attention_impl: str = flax.struct.field(pytree_node=False, default="auto")
+
+  # Model code may pass a traced layer index to attend (one program for every layer).
+  traced_layers = True
 
   # ---- construction ------------------------------------------------------------------------
 
@@ -217,46 +221,58 @@ class PagedKVCache:
     # A window longer than a head's budget would hold tokens the head never keeps.
     residual = max(0, min(int(residual), int(budgets.min()) - int(fp_sinks)))
     window = int(fp_sinks) + residual
-
-    def layer(row, row_bits):
-      classes, _, offsets = cache_layout.layer_layout(row, row_bits, policy.adaptive,
-                                                      chunk_size, page_size)
-      slots = sum(c.slots for c in classes)
-      fp = tuple(fp_window.empty(batch, len(c.heads), window, head_dim, dtype)
-                 if min(c.bits) < 16 and window > 0 else None for c in classes)
-      return LayerCache(
-          k=tuple(slot_store.empty(c.bits[0], (batch, c.slots), head_dim, dtype, quant_group)
-                  for c in classes),  # per class [B, S_c, ...]
-          v=tuple(slot_store.empty(c.bits[1], (batch, c.slots), head_dim, dtype, quant_group)
-                  for c in classes),
-          positions=jnp.full((batch, slots), -1, jnp.int32),  # [B, S]
-          scores=jnp.zeros((batch, slots), jnp.float32),  # [B, S]
-          offsets=jnp.asarray(np.broadcast_to(offsets, (batch, num_kv_heads)), jnp.int32),
-          lengths=jnp.zeros((batch, num_kv_heads), jnp.int32),  # [B, Hkv]
-          dropped=jnp.zeros((batch, num_kv_heads), jnp.int32),  # [B, Hkv]
-          fp=fp,
-      )
-
-    row_bits = [tuple((int(k), int(v)) for k, v in row) for row in bits]
+    budgets_t = tuple(tuple(int(x) for x in row) for row in budgets)
+    bits_t = tuple(tuple((int(k), int(v)) for k, v in row) for row in bits)
+    lay = cache_layout.layout(budgets_t, bits_t, policy.adaptive, int(chunk_size),
+                              int(page_size))
+    pools = []
+    for c, (kb, vb) in enumerate(lay.pairs):
+      lead = (batch, lay.slots[c])
+      fp = None
+      if lay.quantized(c) and window > 0:
+        fp = fp_window.empty(batch, lay.fp_rows[c], window, head_dim, dtype)
+      pools.append(Pool(
+          k=slot_store.empty(kb, lead, head_dim, dtype, quant_group),  # [B, S_c, ...]
+          v=slot_store.empty(vb, lead, head_dim, dtype, quant_group),
+          positions=jnp.full(lead, -1, jnp.int32),  # [B, S_c]
+          scores=jnp.zeros(lead, jnp.float32),  # [B, S_c]
+          novelty=jnp.zeros(lead, jnp.float32) if policy.uses_novelty else None,
+          fp=fp))
+    per_head = (batch,) + shape
     return cls(
-        layers=tuple(layer(row, rb) for row, rb in zip(budgets, row_bits)),
-        policy=policy,
-        budgets=tuple(tuple(int(x) for x in row) for row in budgets),
-        bits=tuple(row_bits),
-        chunk_size=int(chunk_size),
-        page_size=int(page_size),
-        dtype=dtype.name,
-        quant_group=int(quant_group),
-        residual=int(residual),
-        fp_sinks=int(fp_sinks),
-        attention_impl=attention_impl,
-    )
+        pools=tuple(pools),
+        offsets=jnp.asarray(np.broadcast_to(lay.first_slot, per_head), jnp.int32),  # [B, L, Hkv]
+        lengths=jnp.zeros(per_head, jnp.int32),
+        dropped=jnp.zeros(per_head, jnp.int32),
+        policy=policy, budgets=budgets_t, bits=bits_t, chunk_size=int(chunk_size),
+        page_size=int(page_size), dtype=dtype.name, quant_group=int(quant_group),
+        residual=int(residual), fp_sinks=int(fp_sinks), attention_impl=attention_impl)
 
   # ---- inspection --------------------------------------------------------------------------
 
   @property
+  def layout(self) -> cache_layout.Layout:
+    return cache_layout.layout(self.budgets, self.bits, self.policy.adaptive, self.chunk_size,
+                               self.page_size)
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.budgets)
+
+  @property
   def num_kv_heads(self) -> int:
     return len(self.budgets[0])
+
+  @property
+  def batch(self) -> int:
+    return self.lengths.shape[0]
+
+  @property
+  def head_dim(self) -> int:
+    store = self.pools[0].k
+    if isinstance(store, slot_store.QuantStore):
+      return store.scale.shape[-1] * self.quant_group
+    return store.shape[-1]
 
   @property
   def nbytes(self) -> int:
@@ -292,137 +308,155 @@ class PagedKVCache:
   @property
   def logical_tokens(self) -> jnp.ndarray:
     """Tokens held per (layer, row, KV head): ``[layers, B, Hkv]`` int32."""
-    return jnp.stack([l.lengths for l in self.layers])
+    return self.lengths.transpose(1, 0, 2)
 
   def token_counts(self) -> jnp.ndarray:
     """Same as :attr:`logical_tokens` (the dense cache's spelling)."""
     return self.logical_tokens
 
-  def classes(self, layer: int) -> tuple[BitClass, ...]:
-    """Static bit classes of ``layer`` (see :class:`BitClass`)."""
-    return cache_layout.layer_layout(self.budgets[layer], self.bits[layer],
-                                     self.policy.adaptive, self.chunk_size, self.page_size)[0]
+  def members(self, layer, c: int) -> jnp.ndarray:
+    """``[Hkv]`` bool: the heads of ``layer`` in class ``c``."""
+    return _at(self.layout.class_of, layer) == c
 
-  def uniform(self, layer: int) -> bool:
-    """Static: every head of ``layer`` owns a fixed region of one size in one store, so the
-    per-head view is a free reshape of the pool (no gather)."""
-    return (not self.policy.adaptive and len(set(self.budgets[layer])) == 1
-            and len(set(self.bits[layer])) == 1)
+  def region_end(self, layer) -> jnp.ndarray:
+    """``[B, Hkv]`` one past the last slot of each head's region in its pool."""
+    lay = self.layout
+    off = self.offsets[:, layer]
+    if not lay.adaptive:
+      return off + _at(lay.region, layer)[None, :]
+    # adakv: one class per layer; a head's region runs to the next head's, the last to the
+    # end of the layer's block.
+    c = _at(lay.class_of, layer)[0]
+    block_end = (jnp.asarray(lay.base)[c, layer] + jnp.asarray(lay.count)[c, layer])
+    return jnp.concatenate([off[:, 1:], jnp.broadcast_to(block_end, off[:, :1].shape)], axis=1)
 
-  def view_len(self, layer: int) -> int:
-    """Static upper bound on one head's tokens in ``layer`` (the per-head view length)."""
-    row = self.budgets[layer]
-    if not self.policy.adaptive and len(set(row)) == 1:
-      return slot_pool.round_up(row[0] + self.chunk_size, self.page_size)
-    most = sum(row) if self.policy.adaptive else max(row)
-    return most + self.chunk_size
+  def room(self, layer) -> jnp.ndarray:
+    """``[B, Hkv]`` slots each head may fill."""
+    return jnp.minimum(self.region_end(layer) - self.offsets[:, layer], self.layout.max_region)
 
-  def _region_ends(self, layer: int) -> jnp.ndarray:
-    """``[B, Hkv]`` one past the last slot of each head's region."""
-    lc = self.layers[layer]
-    _, need, _ = cache_layout.layer_layout(self.budgets[layer], self.bits[layer],
-                                           self.policy.adaptive, self.chunk_size,
-                                           self.page_size)
-    if need is not None:  # fixed regions
-      return lc.offsets + jnp.asarray(need, jnp.int32)[None, :]
-    return jnp.concatenate(
-        [lc.offsets[:, 1:], jnp.full_like(lc.offsets[:, :1], lc.positions.shape[1])], axis=1)
-
-  def room(self, layer: int) -> jnp.ndarray:
-    """``[B, Hkv]`` slots each head may fill (its region, capped by :meth:`view_len`)."""
-    lc = self.layers[layer]
-    return jnp.minimum(self._region_ends(layer) - lc.offsets, self.view_len(layer))
-
-  def page_table(self, layer: int) -> jnp.ndarray:
-    """``[B, Hkv, max_pages]`` int32 page ids of each head's region, ``-1`` past its end."""
-    lc = self.layers[layer]
-    ends = self._region_ends(layer)
-    max_pages = math.ceil(self.view_len(layer) / self.page_size)
-    first = lc.offsets // self.page_size  # [B, Hkv]
-    page = first[:, :, None] + jnp.arange(max_pages, dtype=jnp.int32)  # [B, Hkv, P]
-    return jnp.where(page * self.page_size < ends[:, :, None], page, -1)
+  def page_table(self, layer) -> jnp.ndarray:
+    """``[B, Hkv, max_pages]`` int32 page ids of each head's region in its class's pool (a
+    row's pool seen as ``[S_c / page_size, page_size, ...]`` pages), ``-1`` past its end."""
+    ps = self.page_size
+    max_pages = math.ceil(self.layout.max_region / ps)
+    page = self.offsets[:, layer][..., None] // ps + jnp.arange(max_pages, dtype=jnp.int32)
+    return jnp.where(page * ps < self.region_end(layer)[..., None], page, -1)
 
   def pages(self, layer: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """K and V pools of a 16-bit ``layer`` as pages: ``[B, num_pages, page_size, D]`` each."""
-    if len(self.classes(layer)) != 1 or self.bits[layer][0] != (16, 16):
-      raise ValueError(f"pages() reads a 16-bit layer of one store; layer {layer} has bits "
+    """K and V of a 16-bit ``layer``'s pool as pages ``[B, S_c / page_size, page_size, D]``."""
+    classes = set(np.asarray(self.layout.class_of[layer]).tolist())
+    if len(classes) != 1 or self.bits[layer][0] != (16, 16):
+      raise ValueError(f"pages() reads a 16-bit layer of one pool; layer {layer} has bits "
                        f"{sorted(set(self.bits[layer]))}.")
-    lc = self.layers[layer]
-    b, s, d = lc.k[0].shape
+    pool = self.pools[classes.pop()]
+    b, s, d = pool.k.shape
     shape = (b, s // self.page_size, self.page_size, d)
-    return lc.k[0].reshape(shape), lc.v[0].reshape(shape)
+    return pool.k.reshape(shape), pool.v.reshape(shape)
 
-  # ---- per-head views ----------------------------------------------------------------------
+  # ---- reading slots -----------------------------------------------------------------------
 
-  def slot_view(self, layer: int):
-    """Positions and scores of each head, position ordered, padded to :meth:`view_len`.
+  def _fp_rows(self, layer, c: int):
+    """Class ``c``'s full-precision window rows of ``layer``'s heads (``[B, Hkv, F, ...]``;
+    rows of heads outside the class are arbitrary and never read)."""
+    fp = self.pools[c].fp
+    if fp is None:
+      return None
+    rows = jnp.maximum(_at(self.layout.fp_row, layer), 0)  # [Hkv]
+    return FpWindow(k=fp.k[:, rows], v=fp.v[:, rows], pos=fp.pos[:, rows])
 
-    Returns ``(positions [B, Hkv, C] (-1 empty), scores [B, Hkv, C], slot indices
-    [B, Hkv, C] into the layer's slots (S where empty; None for a uniform layer))``.
+  def read(self, c: int, idx, valid, fp=None, values: bool = True):
+    """Slots ``idx [B, Hkv, N]`` of pool ``c`` -> ``(k, v, positions)``: keys and values
+    ``[B, Hkv, N, D]`` in the cache dtype (dequantized; tokens the window ``fp`` holds read
+    exact), positions (``-1`` where not ``valid``); ``v`` None unless ``values``."""
+    pool = self.pools[c]
+    kb, vb = self.layout.pairs[c]
+    safe = jnp.clip(idx, 0, pool.positions.shape[1] - 1)
+    take = lambda x: slot_pool.gather(x, safe)
+    pos = jnp.where(valid, take(pool.positions), -1)
+    k = slot_store.decode(slot_store.tree(take, pool.k), kb, self.quant_group, self.dtype)
+    v = None
+    if values:
+      v = slot_store.decode(slot_store.tree(take, pool.v), vb, self.quant_group, self.dtype)
+    if fp is not None:
+      k, v_fp, _ = fp_window.read(fp, pos, k, k if v is None else v, self.fp_sinks,
+                                  self.residual)
+      v = v_fp if values else None
+    return k, v, pos
+
+  def _class_lengths(self, layer, c: int):
+    """``[B, Hkv]`` tokens each head of ``layer`` holds in pool ``c`` (0 outside the class)."""
+    return jnp.where(self.members(layer, c)[None, :], self.lengths[:, layer], 0)
+
+  def view(self, layer):
+    """Per-head views of one layer, position ordered, padded to ``layout.max_region``.
+
+    An inspection and test helper (attention and eviction never build it). Returns ``(k, v
+    [B, Hkv, C, D]`` in the cache dtype (dequantized; full-precision window tokens exact),
+    ``positions [B, Hkv, C]`` (-1 empty), ``scores [B, Hkv, C]`` (the statistic the policy
+    ranks by, :meth:`selection_scores`), ``slot indices [B, Hkv, C]`` into each head's pool).
     """
-    lc = self.layers[layer]
-    b, num_slots = lc.positions.shape
-    if self.uniform(layer):  # empty slots already hold position -1 and score 0
-      shape = (b, self.num_kv_heads, self.view_len(layer))
-      return lc.positions.reshape(shape), lc.scores.reshape(shape), None
-    c = jnp.arange(self.view_len(layer), dtype=jnp.int32)
-    valid = c[None, None, :] < lc.lengths[:, :, None]  # [B, Hkv, C]
-    idx = jnp.where(valid, lc.offsets[:, :, None] + c, num_slots)  # [B, Hkv, C]
-    safe = jnp.minimum(idx, num_slots - 1)
-    return (jnp.where(valid, slot_pool.gather(lc.positions, safe), -1),
-            jnp.where(valid, slot_pool.gather(lc.scores, safe), 0.0), idx)
+    size = self.layout.max_region
+    idx = self.offsets[:, layer][..., None] + jnp.arange(size, dtype=jnp.int32)
+    k = v = pos = None
+    for c in range(len(self.pools)):
+      n_c = self._class_lengths(layer, c)
+      valid = jnp.arange(size)[None, None, :] < n_c[..., None]
+      kc, vc, pc = self.read(c, idx, valid, self._fp_rows(layer, c))
+      m = self.members(layer, c)[None, :, None]
+      k = kc if k is None else jnp.where(m[..., None], kc, k)
+      v = vc if v is None else jnp.where(m[..., None], vc, v)
+      pos = pc if pos is None else jnp.where(m, pc, pos)
+    return k, v, pos, self.selection_scores(layer), idx
 
-  def raw_view(self, layer: int, idx) -> list[tuple]:
-    """Per bit class, its heads' K and V stores at ``idx`` (from :meth:`slot_view`):
-    ``[(k, v)]`` with leaves ``[B, Hc, C, ...]`` (codes and scales as stored)."""
-    lc = self.layers[layer]
+  def raw_view(self, layer):
+    """Per class, ``(members [Hkv] bool, k, v)``: its stores at each head's view slots
+    ``[B, Hkv, C, ...]`` as stored (codes and scales; rows of other classes arbitrary)."""
+    size = self.layout.max_region
+    idx = self.offsets[:, layer][..., None] + jnp.arange(size, dtype=jnp.int32)
     out = []
-    for c, cls in enumerate(self.classes(layer)):
-      if idx is None:  # uniform: the pool is the view
-        lead = (lc.positions.shape[0], self.num_kv_heads, self.view_len(layer))
-        fn = lambda x, lead=lead: x.reshape(lead + x.shape[2:])
-      else:
-        local = jnp.clip(idx[:, cls.heads] - cls.base, 0, cls.slots - 1)  # [B, Hc, C]
-        fn = lambda x, local=local: slot_pool.gather(x, local)
-      out.append((slot_store.tree(fn, lc.k[c]), slot_store.tree(fn, lc.v[c])))
+    for c, pool in enumerate(self.pools):
+      safe = jnp.clip(idx, 0, pool.positions.shape[1] - 1)
+      take = lambda x, safe=safe: slot_pool.gather(x, safe)
+      out.append((self.members(layer, c), slot_store.tree(take, pool.k),
+                  slot_store.tree(take, pool.v)))
     return out
 
-  def view(self, layer: int):
-    """Per-head views of one layer, position ordered, padded to :meth:`view_len`.
+  def slot_meta(self, layer, size: int | None = None):
+    """Positions, stored scores and novelty of each head's first ``size`` slots (default
+    ``layout.max_region``) -> ``(idx, valid, positions, scores, novelty or None)``, each
+    ``[B, Hkv, size]`` (the per-slot metadata eviction ranks; no K/V)."""
+    size = size or self.layout.max_region
+    n = self.lengths[:, layer]
+    idx = self.offsets[:, layer][..., None] + jnp.arange(size, dtype=jnp.int32)
+    valid = jnp.arange(size)[None, None, :] < n[..., None]
+    pos = jnp.full(idx.shape, -1, jnp.int32)
+    sc = jnp.zeros(idx.shape, jnp.float32)
+    nov = None if self.pools[0].novelty is None else jnp.zeros(idx.shape, jnp.float32)
+    for c, pool in enumerate(self.pools):
+      safe = jnp.clip(idx, 0, pool.positions.shape[1] - 1)
+      m = self.members(layer, c)[None, :, None] & valid
+      pos = jnp.where(m, slot_pool.gather(pool.positions, safe), pos)
+      sc = jnp.where(m, slot_pool.gather(pool.scores, safe), sc)
+      if nov is not None:
+        nov = jnp.where(m, slot_pool.gather(pool.novelty, safe), nov)
+    return idx, valid, pos, sc, nov
 
-    Returns ``(k, v [B, Hkv, C, D] in the cache dtype (dequantized; full-precision window
-    tokens exact), positions [B, Hkv, C] (-1 empty), scores [B, Hkv, C], slot indices
-    [B, Hkv, C] into the layer's slots (S where empty; None for a uniform layer))``.
-    """
-    pc, sc, idx = self.slot_view(layer)
-    classes = self.classes(layer)
-    ks, vs = [], []
-    for cls, (k, v), fp in zip(classes, self.raw_view(layer, idx), self.layers[layer].fp):
-      k = slot_store.decode(k, cls.bits[0], self.quant_group, self.dtype)
-      v = slot_store.decode(v, cls.bits[1], self.quant_group, self.dtype)
-      if fp is not None:
-        k, v, _ = fp_window.read(fp, pc[:, cls.heads], k, v, self.fp_sinks, self.residual)
-      ks.append(k)
-      vs.append(v)
-    return (cache_layout.join_classes(ks, classes), cache_layout.join_classes(vs, classes),
-            pc, sc, idx)
+  def selection_scores(self, layer):
+    """``[B, Hkv, max_region]`` the statistic the policy ranks each held slot by: the stored
+    scores, or for the KeyDiff modes the key novelty (``"keydiff"``) or its union rank with
+    the stored window attention (``"keydiff_window"``)."""
+    _, valid, _, sc, nov = self.slot_meta(layer)
+    if self.policy.uses_novelty:
+      return policies_lib.novelty_scores(self.policy, nov, sc, valid)
+    return sc
 
   # ---- the model contract ------------------------------------------------------------------
 
-  def layer_view(self, layer: int) -> "PagedKVCache":
-    """Layer ``layer`` as a one-layer cache (its budgets and bits; for layer-by-layer prefill)."""
-    return self.replace(layers=(self.layers[layer],), budgets=(self.budgets[layer],),
-                        bits=(self.bits[layer],))
-
-  def with_layer_view(self, layer: int, view: "PagedKVCache") -> "PagedKVCache":
-    """This cache with layer ``layer`` taken from the one-layer ``view``."""
-    return self.with_layer(layer, view.layers[0])
-
-  def attend(self, layer: int, q, k, v, positions, rope):
+  def attend(self, layer, q, k, v, positions, rope):
     """Attention of new tokens over this layer's cache + themselves; appends them.
 
     Args:
-      layer: Python int.
+      layer: a Python int or a traced int32 scalar.
       q: ``[B, T, Hq, D]`` pre-RoPE queries; ``k, v``: ``[B, T, Hkv, D]`` pre-RoPE.
       positions: ``[B, T]`` int32 absolute positions, ``-1`` for padding (not stored).
       rope: a :class:`headkv_jax.rope.RoPE`.
@@ -443,127 +477,260 @@ class PagedKVCache:
                        "with at most chunk_size tokens (and compress between calls).")
     group = hq // hkv
     q, k, v = sharding.replicate_over_model(q, k, v)  # the pools are whole on every device
-    lc = self.layers[layer]
-    view_len = self.view_len(layer)
-    kc, vc, pc, sc, view_idx = self.view(layer)  # [B, Hkv, C, ...]
-
+    rolled = self.policy.position_mode == "cache_relative"
     tok_valid = positions >= 0  # [B, T]
     rank = jnp.cumsum(tok_valid, axis=1, dtype=jnp.int32) - 1  # [B, T] slot among real tokens
-    new_slot = lc.lengths[:, :, None] + rank[:, None, :]  # [B, Hkv, T]
-    kt = k.transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
+    new_slot = self.lengths[:, layer][:, :, None] + rank[:, None, :]  # [B, Hkv, T]
+    kt = k.transpose(0, 2, 1, 3)  # [B, Hkv, T, D] pre-RoPE
     vt = v.transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
-    if self.policy.position_mode == "original":
-      qg = rope.apply(q, positions)
+    if not rolled:
+      qr = rope.apply(q, positions)  # [B, T, Hq, D]
       k_new = rope.apply(k, positions).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
-      k_cached, k_store = kc, k_new
-    else:  # cache_relative: rotate by slot index inside the (compacted) cache.
-      qg = q
-      k_new = slot_pool.rotate(rope, kt, new_slot)
-      k_cached = slot_pool.rotate(rope, kc, jnp.broadcast_to(jnp.arange(view_len), pc.shape))
-      k_store = kt
-    qg = qg.reshape(b, t, hkv, group, d).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
-    if self.policy.position_mode == "cache_relative":
+      k_store = k_new
+    else:  # cache_relative: rotate by slot index inside the head's (compacted) region.
+      qg = q.reshape(b, t, hkv, group, d).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
       qg = slot_pool.rotate(rope, qg, new_slot[:, :, None, :])
+      qr = qg.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
+      k_new = slot_pool.rotate(rope, kt, new_slot)
+      k_store = kt
+    q_rows = attention.fold_queries(qr * (d**-0.5), hkv)  # [B, Hkv, T * G, D]
+    q_pos_rows = jnp.repeat(positions, group, axis=1)  # [B, T * G]
+
+    # The cached slots, then the chunk itself, merged by log-sum-exp.
     observed = self._observed_queries(tok_valid, rank)  # [B, T] bool, None: no statistic
-    if kernel_decode.uses_kernel(self, t):  # decode through the fused kernel (same results)
-      out, probs = kernel_decode.decode_attention(
-          self, layer, qg, k_new, vt, positions, pc, need_probs=observed is not None)
-      out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)  # [B, T, Hq, D]
-      sums = None if observed is None else jnp.sum(
-          probs * observed[:, None, None, :, None], axis=3)  # [B, Hkv, G, C + T]
+    kernel = kernel_decode.uses_kernel(self, t)
+    logits = None  # a decode step keeps its slot logits for the statistic (one pass)
+    if t == 1 and observed is not None and not kernel:
+      tile = self._tile_size()
+      size = -(-self.layout.max_region // tile) * tile
+      logits = jnp.full((b, hkv, group, size), -jnp.inf, jnp.float32)
+    if kernel:  # the fused Pallas kernel reads the codes in place
+      cached = kernel_decode.cached_partial(self, layer, q_rows, positions)
     else:
-      out, sums = attention.attention_over_slots(
-          qg, k_cached, vc, pc, k_new, vt, positions, num_filled=jnp.max(lc.lengths),
-          observed=observed)  # [B, T, Hq, D], [B, Hkv, G, C + T]
+      cached = attention.empty_partial(b, hkv, t * group, d)
+      for c in range(len(self.pools)):
+        cached = self._attend_pool(layer, c, q_rows, q_pos_rows, rope, cached, logits)
+        if logits is not None:
+          cached, logits = cached
+    k_t = k_new.transpose(0, 2, 1, 3)  # [B, T, Hkv, D]
+    own = attention.causal_attention(qr, k_t, v, positions)
+    o, m, l = attention.merge_partials([cached, own])
+    out = attention.unfold_outputs(attention.normalize(o, l), t).astype(v.dtype)
     out, = sharding.replicate_over_model(out)  # so o_proj's split does not reach back in here
 
-    cached_scores, new_scores = self._slot_stats(sums, sc, view_len, b, hkv, t)
-    if self.policy.uses_novelty:  # KeyDiff: every held key against the head's keys, pre-RoPE
-      k_pre = kc if self.policy.position_mode == "cache_relative" else slot_pool.rotate(
-          rope, kc, -pc)  # [B, Hkv, C, D] un-rotated (empty slots are masked out below)
-      held = jnp.concatenate([pc >= 0, jnp.broadcast_to(tok_valid[:, None], (b, hkv, t))],
-                             axis=2)  # [B, Hkv, C + T]
-      novelty = policies_lib.key_novelty(
-          jnp.concatenate([k_pre, kt.astype(k_pre.dtype)], axis=2), held)
-      stat = policies_lib.novelty_scores(
-          self.policy, novelty, jnp.concatenate([cached_scores, new_scores], axis=2), held)
-      cached_scores, new_scores = stat[..., :view_len], stat[..., view_len:]
-    if self.policy.score_kind == "none":
-      scores = lc.scores
-    elif view_idx is None:
-      scores = cached_scores.reshape(lc.scores.shape)
-    else:
-      scores = slot_pool.scatter(lc.scores, view_idx, cached_scores)
-    new = self._write(layer, lc.replace(scores=scores), k_store, vt, positions, new_scores)
-    return out, self.with_layer(layer, new)
+    cache = self
+    new_scores = jnp.zeros((b, hkv, t), jnp.float32)
+    if observed is not None:
+      lse = jnp.where(jnp.repeat(observed, group, axis=1)[:, None, :],
+                      attention.row_lse(m, l), jnp.inf)  # [B, Hkv, T * G]
+      if logits is not None:
+        cache = cache._scores_from_logits(layer, logits, lse)
+      else:
+        for c in range(len(self.pools)):
+          cache = cache._collect_scores(layer, c, q_rows, q_pos_rows, lse, rope, group)
+      sums = attention.causal_key_sums(qr, k_t, positions, lse)  # [B, Hkv, G, T]
+      new_scores = policies_lib.reduce_group(sums, self.policy.gqa_reduce, axis=2)
+    new_novelty = None
+    if self.policy.uses_novelty:
+      cache, new_novelty = cache._score_novelty(layer, kt, tok_valid, rope)
+    return out, cache._write(layer, k_store, vt, positions, new_scores, new_novelty)
 
-  def append(self, layer: int, k, v, positions, scores) -> "PagedKVCache":
+  def append(self, layer, k, v, positions, scores, novelty=None) -> "PagedKVCache":
     """Stores tokens without attending: the write half of :meth:`attend`.
 
     For callers that computed attention elsewhere (the shared one-shot prefill of
     :mod:`headkv_jax.prompt_stats`). Requires ``T <= chunk_size``.
 
     Args:
-      layer: Python int.
+      layer: Python int or traced int32.
       k, v: ``[B, Hkv, T, D]`` keys as this cache stores them (rotated at their positions in
         "original" mode) and values.
       positions: ``[B, T]`` int32 positions, ``-1`` for padding (not stored).
       scores: ``[B, Hkv, T]`` float32 the policy's per-slot statistic of each token.
+      novelty: ``[B, Hkv, T]`` float32 key novelty (KeyDiff policies).
     """
     if k.shape[2] > self.chunk_size:
       raise ValueError(f"{k.shape[2]} new tokens exceed chunk_size={self.chunk_size}.")
-    new = self._write(layer, self.layers[layer], k, v, positions, scores.astype(jnp.float32))
-    return self.with_layer(layer, new)
+    if self.policy.uses_novelty and novelty is None:
+      raise ValueError(f"score_mode={self.policy.score_mode!r} ranks by key novelty; pass "
+                       "each token's novelty to append.")
+    return self._write(layer, k, v, positions, scores.astype(jnp.float32), novelty)
 
-  def _write(self, layer: int, lc: LayerCache, k_store, v_new, positions,
-             new_scores) -> LayerCache:
-    """``lc`` with the real tokens of ``positions [B, T]`` appended to each head's region
+  def _tiles(self, layer, c: int, tile: int):
+    """Tile geometry of class ``c``'s heads in ``layer``: ``(n_c [B, Hkv], num_tiles,
+    slots(j) -> (slot-in-region [tile], pool index [B, Hkv, tile], valid [B, Hkv, tile]))``."""
+    n_c = self._class_lengths(layer, c)
+    off = self.offsets[:, layer]
+    num_tiles = (jnp.max(n_c) + tile - 1) // tile
+
+    def slots(j):
+      s = j * tile + jnp.arange(tile, dtype=jnp.int32)  # [tile]
+      return s, off[..., None] + s, s[None, None, :] < n_c[..., None]
+
+    return n_c, num_tiles, slots
+
+  def _tile_size(self) -> int:
+    return min(TILE, self.layout.max_region)
+
+  def _attend_pool(self, layer, c, q_rows, q_pos_rows, rope, init, logits=None):
+    """Folds the held slots of ``layer``'s class-``c`` heads into the online softmax; with
+    ``logits [B, Hkv, R, >= max_region]`` also records each held slot's logit there (by
+    slot in its region; a decode step's statistics then need no second pass)."""
+    tile = self._tile_size()
+    _, num_tiles, slots = self._tiles(layer, c, tile)
+    fp = self._fp_rows(layer, c)
+    q_pos = q_pos_rows[:, None, :, None]  # [B, 1, R, 1]
+    off = self.offsets[:, layer][..., None]
+
+    def fetch(j):
+      s, idx, valid = slots(j)
+      # A head done before this tile re-reads its first slot (cached), not other heads'.
+      kb, vb, kp = self.read(c, jnp.where(valid, idx, off), valid, fp)
+      if self.policy.position_mode == "cache_relative":
+        kb = slot_pool.rotate(rope, kb, jnp.broadcast_to(s, kp.shape))
+      mask = valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
+      return kb, vb, mask
+
+    if logits is None:
+      return attention.tile_loop(q_rows, fetch, num_tiles, init)
+
+    def keep(j, tile_logits, buf):
+      valid = slots(j)[2][:, :, None, :]  # [B, Hkv, 1, tile]
+      old = jax.lax.dynamic_slice_in_dim(buf, j * tile, tile, axis=3)
+      return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(valid, tile_logits, old),
+                                                 j * tile, axis=3)
+
+    return attention.tile_loop(q_rows, fetch, num_tiles, init, record=(keep, logits))
+
+  def _scores_from_logits(self, layer, logits, lse) -> "PagedKVCache":
+    """A decode step's statistic from the slot logits :meth:`_attend_pool` recorded
+    (``[B, Hkv, G, N]``) and the merged row log-sum-exps ``lse [B, Hkv, G]`` (+inf on rows
+    the policy does not observe): written to every held slot's score, as
+    :meth:`_collect_scores` would."""
+    per = policies_lib.reduce_group(jnp.exp(logits - lse[..., None]), self.policy.gqa_reduce,
+                                    axis=2)  # [B, Hkv, N]
+    size = per.shape[-1]
+    idx = self.offsets[:, layer][..., None] + jnp.arange(size, dtype=jnp.int32)
+    valid = jnp.arange(size)[None, None, :] < self.lengths[:, layer][..., None]
+    cache = self
+    for c, pool in enumerate(self.pools):
+      num_slots = pool.positions.shape[1]
+      ok = valid & self.members(layer, c)[None, :, None]
+      value = per
+      if self.policy.accumulates:
+        value = per + slot_pool.gather(pool.scores, jnp.minimum(idx, num_slots - 1))
+      scores = slot_pool.scatter(pool.scores, jnp.where(ok, idx, num_slots), value)
+      cache = cache._with_pool(c, pool.replace(scores=scores))
+    return cache
+
+  def _collect_scores(self, layer, c, q_rows, q_pos_rows, lse, rope,
+                      group: int) -> "PagedKVCache":
+    """The policy's statistic of ``layer``'s class-``c`` slots from this call's observed
+    queries (``lse`` = +inf elsewhere): replaces (SnapKV) or adds to (H2O, "accumulate")
+    each held slot's score in its pool."""
+    tile = self._tile_size()
+    _, num_tiles, slots = self._tiles(layer, c, tile)
+    q_pos = q_pos_rows[:, None, :, None]
+    fp = self._fp_rows(layer, c)
+    off = self.offsets[:, layer][..., None]
+    pool = self.pools[c]
+    num_slots = pool.positions.shape[1]
+    accumulates = self.policy.accumulates
+
+    def body(j, scores):
+      s, idx, valid = slots(j)
+      kb, _, kp = self.read(c, jnp.where(valid, idx, off), valid, fp, values=False)
+      if self.policy.position_mode == "cache_relative":
+        kb = slot_pool.rotate(rope, kb, jnp.broadcast_to(s, kp.shape))
+      mask = valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
+      part = attention.tile_key_sums(q_rows, kb, mask, lse, group)
+      per = policies_lib.reduce_group(part, self.policy.gqa_reduce, axis=2)  # [B, Hkv, tile]
+      target = jnp.where(valid, idx, num_slots)
+      if accumulates:
+        per = per + slot_pool.gather(scores, jnp.minimum(idx, num_slots - 1))
+      return slot_pool.scatter(scores, target, per)
+
+    scores = jax.lax.fori_loop(0, num_tiles, body, pool.scores)
+    return self._with_pool(c, pool.replace(scores=scores))
+
+  def _score_novelty(self, layer, kt, tok_valid, rope):
+    """KeyDiff: every held key of ``layer`` and the chunk's keys ``kt [B, Hkv, T, D]``
+    (pre-RoPE) scored by :func:`~headkv_jax.policies.key_novelty` among its head's keys ->
+    (cache with the held slots re-scored, the new tokens' novelty ``[B, Hkv, T]``)."""
+    tile = self._tile_size()
+    new_valid = jnp.broadcast_to(tok_valid[:, None, :], kt.shape[:3])  # [B, Hkv, T]
+    unit_new = policies_lib.unit_keys(kt)  # [B, Hkv, T, D]
+    anchor = jnp.sum(jnp.where(new_valid[..., None], unit_new, 0.0), axis=2)  # [B, Hkv, D]
+    rolled = self.policy.position_mode == "cache_relative"
+
+    def pre_rope(c, slots, j):  # held keys of tile j, un-rotated
+      _, idx, valid = slots(j)
+      kb, _, kp = self.read(c, idx, valid, self._fp_rows(layer, c), values=False)
+      return (kb if rolled else slot_pool.rotate(rope, kb, -kp)), idx, valid
+
+    geometry = [self._tiles(layer, c, tile) for c in range(len(self.pools))]
+    for c, (_, num_tiles, slots) in enumerate(geometry):
+      def add(j, acc, c=c, slots=slots):
+        kb, _, valid = pre_rope(c, slots, j)
+        unit = policies_lib.unit_keys(kb)
+        return acc + jnp.sum(jnp.where(valid[..., None], unit, 0.0), axis=2)
+      anchor = jax.lax.fori_loop(0, num_tiles, add, anchor)
+    anchor = policies_lib.unit_keys(anchor[:, :, None, :])  # [B, Hkv, 1, D]
+
+    cache = self
+    for c, (_, num_tiles, slots) in enumerate(geometry):
+      pool = cache.pools[c]
+      num_slots = pool.positions.shape[1]
+
+      def score(j, nov, c=c, slots=slots, num_slots=num_slots):
+        kb, idx, valid = pre_rope(c, slots, j)
+        val = 1.0 - jnp.sum(policies_lib.unit_keys(kb) * anchor, axis=-1)  # [B, Hkv, tile]
+        return slot_pool.scatter(nov, jnp.where(valid, idx, num_slots), val)
+
+      cache = cache._with_pool(c, pool.replace(
+          novelty=jax.lax.fori_loop(0, num_tiles, score, pool.novelty)))
+    new = jnp.where(new_valid, 1.0 - jnp.sum(unit_new * anchor, axis=-1), 0.0)
+    return cache, new
+
+  def _write(self, layer, k_store, v_new, positions, new_scores, new_novelty=None):
+    """The real tokens of ``positions [B, T]`` appended to each head's region of ``layer``
     (``k_store, v_new [B, Hkv, T, D]``, quantized here once for a quantized class;
-    ``new_scores [B, Hkv, T]``); a head whose region is full drops the overflow and counts
-    it in ``dropped``."""
-    num_slots = lc.positions.shape[1]
+    ``new_scores`` / ``new_novelty [B, Hkv, T]``); a head whose region is full drops the
+    overflow and counts it in ``dropped``."""
+    lay = self.layout
+    n = self.lengths[:, layer]
     tok_valid = positions >= 0  # [B, T]
     rank = jnp.cumsum(tok_valid, axis=1, dtype=jnp.int32) - 1  # [B, T] slot among real tokens
-    new_slot = lc.lengths[:, :, None] + rank[:, None, :]  # [B, Hkv, T]
+    new_slot = n[:, :, None] + rank[:, None, :]  # [B, Hkv, T]
     stored = tok_valid[:, None, :] & (new_slot < self.room(layer)[:, :, None])  # [B, Hkv, T]
-    target = jnp.where(stored, lc.offsets[:, :, None] + new_slot, num_slots)  # [B, Hkv, T]
+    target = self.offsets[:, layer][:, :, None] + new_slot  # [B, Hkv, T]
     new_pos = jnp.broadcast_to(positions[:, None, :], target.shape)
-    ks, vs, fps = [], [], []
-    for c, cls in enumerate(self.classes(layer)):
-      def enc(x, bits):
-        return slot_store.encode(x[:, cls.heads], bits, self.quant_group, self.dtype)
-      ks.append(self._scatter_class(cls, lc.k[c], target, enc(k_store, cls.bits[0])))
-      vs.append(self._scatter_class(cls, lc.v[c], target, enc(v_new, cls.bits[1])))
-      fp = lc.fp[c]
+    pools = []
+    for c, pool in enumerate(self.pools):
+      kb, vb = lay.pairs[c]
+      member = self.members(layer, c)
+      num_slots = pool.positions.shape[1]
+      tgt = jnp.where(stored & member[None, :, None], target, num_slots)  # [B, Hkv, T]
+      put = lambda p, x, tgt=tgt: slot_pool.scatter(p, tgt, x)
+      enc = lambda x, bits: slot_store.encode(x, bits, self.quant_group, self.dtype)
+      fp = pool.fp
       if fp is not None:
-        fp = fp_window.write(fp, positions, k_store[:, cls.heads], v_new[:, cls.heads],
-                             self.fp_sinks, self.residual)
-      fps.append(fp)
-    return lc.replace(
-        k=tuple(ks), v=tuple(vs), fp=tuple(fps),
-        positions=slot_pool.scatter(lc.positions, target, new_pos),
-        scores=slot_pool.scatter(lc.scores, target, new_scores),
-        lengths=lc.lengths + jnp.sum(stored, axis=-1, dtype=jnp.int32),
-        dropped=lc.dropped + jnp.sum(tok_valid[:, None, :] & ~stored, axis=-1, dtype=jnp.int32),
-    )
-
-  @staticmethod
-  def _scatter_class(cls: BitClass, store, target, values):
-    """Writes ``values`` (a store, leaves ``[B, Hc, N, ...]``) at layer slots ``target
-    [B, Hkv, N]`` (of every head; ``>= S`` dropped) into one class's ``store``."""
-    tgt = target[:, cls.heads]  # [B, Hc, N]
-    local = jnp.where((tgt >= cls.base) & (tgt < cls.base + cls.slots), tgt - cls.base,
-                      cls.slots)
-    return slot_store.tree(lambda p, x: slot_pool.scatter(p, local, x), store, values)
-
-  def write_kv(self, layer: int, lc: LayerCache, raw: Sequence[tuple], target) -> LayerCache:
-    """``lc`` with its K/V stores rebuilt from ``raw`` (:meth:`raw_view`-shaped, per class)
-    written at layer slots ``target [B, Hkv, C]`` (``>= S`` dropped) into empty stores."""
-    ks, vs = [], []
-    for c, (cls, (k, v)) in enumerate(zip(self.classes(layer), raw)):
-      ks.append(self._scatter_class(cls, slot_store.tree(jnp.zeros_like, lc.k[c]), target, k))
-      vs.append(self._scatter_class(cls, slot_store.tree(jnp.zeros_like, lc.v[c]), target, v))
-    return lc.replace(k=tuple(ks), v=tuple(vs))
+        rows = jnp.where(member, _at(lay.fp_row, layer), fp.pos.shape[1])  # [Hkv]
+        fp = fp_window.write(fp, rows, positions, k_store, v_new, self.fp_sinks,
+                                  self.residual)
+      pools.append(pool.replace(
+          k=slot_store.tree(put, pool.k, enc(k_store, kb)),
+          v=slot_store.tree(put, pool.v, enc(v_new, vb)),
+          positions=put(pool.positions, new_pos),
+          scores=put(pool.scores, new_scores),
+          novelty=None if pool.novelty is None else put(pool.novelty, new_novelty),
+          fp=fp))
+    n_new = n + jnp.sum(stored, axis=-1, dtype=jnp.int32)
+    lost = jnp.sum(tok_valid[:, None, :] & ~stored, axis=-1, dtype=jnp.int32)
+    return self.replace(
+        pools=tuple(pools),
+        lengths=self.lengths.at[:, layer].set(n_new),
+        dropped=self.dropped.at[:, layer].add(lost))
 
   def _observed_queries(self, tok_valid, rank):
     """``[B, T]`` bool: the queries whose attention the policy's statistic sums (H2O: every
@@ -576,90 +743,40 @@ class PagedKVCache:
     n_real = jnp.sum(tok_valid, axis=1, keepdims=True)  # [B, 1]
     return tok_valid & (rank >= n_real - self.policy.window)
 
-  def _slot_stats(self, sums, cached_scores, view_len, b, hkv, t):
-    """Per-slot statistics from ``sums [B, Hkv, G, C + T]`` (attention summed over the
-    observed queries; None without a statistic) -> (cached slots ``[B, Hkv, C]``, new tokens
-    ``[B, Hkv, T]``)."""
-    if sums is None:
-      return cached_scores, jnp.zeros((b, hkv, t), jnp.float32)
-    per = policies_lib.reduce_group(sums, self.policy.gqa_reduce, axis=2)  # [B, Hkv, C + T]
-    cached = per[..., :view_len]
-    if self.policy.accumulates:
-      cached = cached + cached_scores
-    return cached, per[..., view_len:]
-
-  def with_layer(self, layer: int, new: LayerCache) -> "PagedKVCache":
-    """This cache with ``layers[layer]`` replaced."""
-    return self.replace(layers=self.layers[:layer] + (new,) + self.layers[layer + 1:])
+  def _with_pool(self, c: int, pool: Pool) -> "PagedKVCache":
+    return self.replace(pools=self.pools[:c] + (pool,) + self.pools[c + 1:])
 
   # ---- eviction ----------------------------------------------------------------------------
 
-  def compress(self, oracle_scores: Sequence[jnp.ndarray] | None = None, *,
-               headroom: int | None = None) -> "PagedKVCache":
+  def compress(self, oracle_scores=None, *, headroom: int | None = None) -> "PagedKVCache":
     """Evicts every head back to its budget (policy's choice), survivors in position order.
 
     Heads within budget keep everything (adakv: layers within their total). A layer where no
-    head needs eviction is left as it is (``lax.cond`` under ``jit``). ``full`` is a no-op.
+    head needs eviction is left as it is (a ``lax.cond`` inside one compiled loop over the
+    layers). ``full`` is a no-op.
 
     Args:
       oracle_scores: oracle only: per layer ``[B, Hq or Hkv, P]`` attention the answer tokens
         pay to each *position* ``0..P-1``.
       headroom: None (default) evicts every head over its budget. An int ``n`` evicts a layer
         only when one of its heads could not take ``n`` more tokens: decoding with
-        ``headroom=1`` amortises eviction over about ``chunk_size`` steps, and heads hold up
-        to ``budget + chunk_size`` tokens in between (the pools already have that room).
+        ``headroom=1`` amortises eviction, and heads hold up to their region (budget +
+        ``chunk_size``, page rounded) in between.
     """
     return eviction.compress(self, oracle_scores, headroom)
 
   evict = compress
 
-  def rechunk(self, chunk_size: int,
-              oracle_scores: Sequence[jnp.ndarray] | None = None) -> "PagedKVCache":
+  def rechunk(self, chunk_size: int, oracle_scores=None) -> "PagedKVCache":
     """This cache re-packed into pools with room for ``chunk_size`` new tokens per head.
 
     Prefill in chunks of C needs ``budget + C`` slots per head; decoding needs one. Call
-    ``cache.rechunk(1)`` (or a page, to amortise eviction with ``headroom``) after prefill so
-    the bytes held while decoding are the budgets' bytes, not the prefill chunk's. Heads are
-    compressed to their budgets first (the oracle needs its ``oracle_scores``, as in
-    :meth:`compress`); codes move with their scales. Jit-able (all shapes follow from static
-    fields).
+    ``cache.rechunk(1)`` after prefill so the bytes held while decoding are the budgets'
+    bytes, not the prefill chunk's. Heads are compressed to their budgets first (the oracle
+    needs its ``oracle_scores``, as in :meth:`compress`); codes move with their scales.
     """
-    cache = self.compress(oracle_scores)
-    b = cache.layers[0].positions.shape[0]
-    d = self.head_dim
-    new = PagedKVCache.create(
-        len(self.layers), b, self.num_kv_heads, d, np.asarray(self.budgets), self.policy,
-        chunk_size=chunk_size, dtype=self.dtype, page_size=self.page_size,
-        bits=self.head_bits, quant_group=self.quant_group, residual=self.residual,
-        fp_sinks=self.fp_sinks, attention_impl=self.attention_impl)
-    layers = []
-    for layer in range(len(self.layers)):
-      lc, target_lc = cache.layers[layer], new.layers[layer]
-      n = new.view_len(layer)
-      pc, sc, idx = cache.slot_view(layer)  # heads within budget
-      raw = [slot_store.tree(lambda x: x[:, :, :n], kv) for kv in cache.raw_view(layer, idx)]
-      pc, sc = pc[:, :, :n], sc[:, :, :n]
-      c = jnp.arange(n, dtype=jnp.int32)
-      kept = c[None, None, :] < lc.lengths[:, :, None]  # [B, Hkv, n]
-      offsets = target_lc.offsets
-      if self.policy.adaptive:
-        offsets = slot_pool.region_starts(lc.lengths, chunk_size, self.page_size)
-      num_slots = target_lc.positions.shape[1]
-      target = jnp.where(kept, offsets[:, :, None] + c, num_slots)  # [B, Hkv, n]
-      target_lc = target_lc.replace(
-          positions=slot_pool.scatter(target_lc.positions, target, pc),
-          scores=slot_pool.scatter(target_lc.scores, target, sc),
-          offsets=offsets, lengths=lc.lengths, dropped=lc.dropped, fp=lc.fp)
-      layers.append(new.write_kv(layer, target_lc, raw, target))
-    return new.replace(layers=tuple(layers))
-
-  @property
-  def head_dim(self) -> int:
-    store = self.layers[0].k[0]
-    if isinstance(store, slot_store.QuantStore):
-      return store.scale.shape[-1] * self.quant_group
-    return store.shape[-1]
+    return eviction.rechunk(self, chunk_size, oracle_scores)
 
 
-__all__ = ["BitClass", "FpWindow", "LayerCache", "PagedKVCache", "SUPPORTED_BITS",
-           "QUANT_GROUP", "RESIDUAL", "FP_SINKS"]
+__all__ = ["FpWindow", "Pool", "PagedKVCache", "SUPPORTED_BITS", "QUANT_GROUP", "RESIDUAL",
+           "FP_SINKS", "TILE"]

@@ -5,7 +5,7 @@ order (slot ``c`` of head ``h`` is the ``c``-th oldest token that head still hol
 
     scores  [B, Hkv, C] float32   per-slot statistic the cache collected (meaning below)
     lengths [B, Hkv]    int32     slots in use; slots ``c >= lengths`` are empty
-    budgets [Hkv]       ints      static per-head budgets of this layer
+    budgets [Hkv]       int32     per-head budgets of this layer (may be traced)
 
 and returns a keep mask ``[B, Hkv, C]``. :func:`compact` turns the mask into gather indices
 that keep the survivors in position order. Everything is jit-able with static shapes and
@@ -208,15 +208,17 @@ def pyramid_budgets(budget: int, num_layers: int, num_kv_heads: int, *,
 # ---- selection (jnp) ----------------------------------------------------------------------
 
 
-def recent_counts(policy: Policy, budgets: np.ndarray) -> np.ndarray:
-  """Per-head size ``[Hkv]`` of the recent window that is always kept."""
-  budgets = np.asarray(budgets, np.int64)
+def recent_counts(policy: Policy, budgets):
+  """Per-head size ``[Hkv]`` of the recent window that is always kept (numpy for numpy
+  budgets, jnp for traced ones)."""
+  xp = np if isinstance(budgets, (np.ndarray, list, tuple, int)) else jnp
+  budgets = xp.asarray(budgets).astype(xp.int64 if xp is np else jnp.int32)
   if policy.name == "streamingllm":
     return budgets - policy.n_sink
   if policy.name == "h2o":
     rest = budgets - policy.n_sink
     return rest - rest // 2
-  return np.full_like(budgets, policy.window)
+  return xp.full_like(budgets, policy.window)
 
 
 def forced_mask(policy: Policy, lengths, budgets, num_slots: int):
@@ -264,9 +266,9 @@ def select_keep(policy: Policy, scores, lengths, budgets):
     policy: the policy.
     scores: ``[B, Hkv, C]`` float per-slot statistic (ignored by streamingllm / full).
     lengths: ``[B, Hkv]`` int32 slots in use.
-    budgets: ``[Hkv]`` static ints, this layer's budgets.
+    budgets: ``[Hkv]`` ints or a traced int32 array, this layer's budgets.
   """
-  budgets = np.asarray(budgets, np.int64)
+  budgets = jnp.asarray(budgets, jnp.int32)
   num_slots = scores.shape[-1]
   valid = jnp.arange(num_slots)[None, None, :] < lengths[:, :, None]  # [B, Hkv, C]
   if policy.name == "full":
@@ -277,9 +279,9 @@ def select_keep(policy: Policy, scores, lengths, budgets):
     return valid & (rank < jnp.asarray(budgets, jnp.int32)[None, :, None])
   # adakv: a per-head floor, then the layer's remaining total by a global top-k.
   forced_n = policy.n_sink + policy.window
-  floor = forced_n + np.floor(policy.alpha * (budgets - forced_n)).astype(np.int64)  # [Hkv]
-  in_floor = valid & (rank < jnp.asarray(floor, jnp.int32)[None, :, None])
-  remaining = int(budgets.sum()) - jnp.sum(in_floor, axis=(1, 2))  # [B]
+  floor = forced_n + jnp.floor(policy.alpha * (budgets - forced_n)).astype(jnp.int32)  # [Hkv]
+  in_floor = valid & (rank < floor[None, :, None])
+  remaining = jnp.sum(budgets) - jnp.sum(in_floor, axis=(1, 2))  # [B]
   b, h, _ = scores.shape
   cand = jnp.where(valid & ~in_floor, prio, -jnp.inf).reshape(b, h * num_slots)
   in_global = (_ranks(cand) < remaining[:, None]) & (valid & ~in_floor).reshape(b, -1)
@@ -307,13 +309,17 @@ def key_novelty(keys, valid):
     The anchor is the mean of the *unit* keys, so one large-norm key (an attention sink) does
     not become the direction every other key is measured against.
   """
-  k = keys.astype(jnp.float32)
-  unit = k * jax.lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True) + 1e-12)  # [B, Hkv, N, D]
+  unit = unit_keys(keys)  # [B, Hkv, N, D]
   w = valid[..., None].astype(jnp.float32)
-  anchor = jnp.sum(unit * w, axis=2, keepdims=True)  # [B, Hkv, 1, D]
-  anchor = anchor * jax.lax.rsqrt(jnp.sum(anchor * anchor, axis=-1, keepdims=True) + 1e-12)
+  anchor = unit_keys(jnp.sum(unit * w, axis=2, keepdims=True))  # [B, Hkv, 1, D]
   cos = jnp.sum(unit * anchor, axis=-1)  # [B, Hkv, N]
   return jnp.where(valid, 1.0 - cos, 0.0)
+
+
+def unit_keys(x):
+  """``x [..., D]`` scaled to unit length along ``D`` in float32 (zero stays zero)."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
 
 
 def union_rank(a, b, valid):
@@ -352,5 +358,5 @@ __all__ = [
     "HEADAWARE_POOL_KERNEL",
     "Policy", "make_policy",
     "pyramid_budgets", "recent_counts", "forced_mask", "max_pool", "priorities", "select_keep",
-    "compact", "key_novelty", "union_rank", "novelty_scores", "reduce_group",
+    "compact", "key_novelty", "unit_keys", "union_rank", "novelty_scores", "reduce_group",
 ]

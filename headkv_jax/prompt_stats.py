@@ -89,37 +89,26 @@ def attention_stats(q, k, positions, window: int, lse_rows=None,
   return accumulated, cache_attention.masked_softmax(logits, mask)
 
 
-def slot_scores(policy: policies_lib.Policy, accumulated, window_probs, novelty=None,
-                valid=None):
-  """One layer's per-token statistic ``[B, Hkv, T]`` for ``policy`` (what its cache collects).
+def slot_scores(policy: policies_lib.Policy, accumulated, window_probs):
+  """One layer's per-token statistic ``[B, Hkv, T]`` for ``policy`` (what its cache collects
+  while attending: H2O's accumulated attention, the SnapKV family's observation window; the
+  KeyDiff modes rank by the recorded key novelty too, which the cache combines with this
+  when it evicts).
 
   ``accumulated [B, Hkv, G, T]`` and ``window_probs [B, Hkv, G, W, T]`` come from
-  :func:`attention_stats`; the SnapKV family needs ``policy.window <= W``. ``novelty
-  [B, Hkv, T]`` is :func:`headkv_jax.policies.key_novelty` of the call's keys, what
-  ``score_mode="keydiff"`` ranks by, with ``valid [B, T]`` the real tokens (the KeyDiff modes
-  need both; ``"keydiff_window"`` ranks among the real tokens).
+  :func:`attention_stats`; the SnapKV family needs ``policy.window <= W``.
   """
   kind = policy.score_kind
-  if kind == "none":
-    return jnp.zeros(accumulated.shape[:2] + accumulated.shape[3:], jnp.float32)
-  if policy.uses_novelty and (novelty is None or valid is None):
-    raise ValueError(f"score_mode={policy.score_mode!r} ranks by key novelty; pass the "
-                     "recorded novelty and the valid tokens.")
-  scores = None
   if kind == "accumulate":
-    scores = policies_lib.reduce_group(accumulated, policy.gqa_reduce, axis=2)
-  elif kind == "window":
+    return policies_lib.reduce_group(accumulated, policy.gqa_reduce, axis=2)
+  if kind == "window":
     w = window_probs.shape[3]
     if policy.window > w:
       raise ValueError(f"Policy {policy.name!r} has window={policy.window} but only the last "
                        f"{w} queries were recorded; record with window >= {policy.window}.")
     per = jnp.sum(window_probs[:, :, :, w - policy.window:], axis=3)
-    scores = policies_lib.reduce_group(per, policy.gqa_reduce, axis=2)  # [B, Hkv, T]
-  if policy.uses_novelty:
-    scores = policies_lib.novelty_scores(
-        policy, novelty.astype(jnp.float32), scores,
-        jnp.broadcast_to(valid[:, None, :], novelty.shape))
-  return scores
+    return policies_lib.reduce_group(per, policy.gqa_reduce, axis=2)  # [B, Hkv, T]
+  return jnp.zeros(accumulated.shape[:2] + accumulated.shape[3:], jnp.float32)
 
 
 @flax.struct.dataclass
@@ -225,11 +214,20 @@ def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Poli
   cache = PagedKVCache.create(len(layers), b, hkv, d, budgets, policy, chunk_size=t,
                               dtype=layers[0].k.dtype, page_size=page_size, bits=bits,
                               **({} if residual is None else {'residual': residual}))
-  for i, lc in enumerate(layers):
-    scores = slot_scores(policy, recorded.accumulated[i], recorded.window_probs[i],
-                         recorded.novelty[i], lc.positions[:, :t] >= 0)
+  # Every layer's recording stacked, so one compiled loop body appends any layer.
+  stack = lambda xs: jnp.stack(list(xs))
+  ks, vs = stack(lc.k[:, :, :t] for lc in layers), stack(lc.v[:, :, :t] for lc in layers)
+  pos = stack(lc.positions[:, :t] for lc in layers)  # [L, B, T]
+  acc, win, nov = (stack(x) for x in (recorded.accumulated, recorded.window_probs,
+                                      recorded.novelty))
+
+  def append(i, cache):
     # The recorded call filled slots [0, t) of every row (padding holds position -1).
-    cache = cache.append(i, lc.k[:, :, :t], lc.v[:, :, :t], lc.positions[:, :t], scores)
+    scores = slot_scores(policy, acc[i], win[i])
+    return cache.append(i, ks[i], vs[i], pos[i], scores,
+                        nov[i] if policy.uses_novelty else None)
+
+  cache = jax.lax.fori_loop(0, len(layers), append, cache)
   return cache.rechunk(decode_chunk)
 
 

@@ -17,12 +17,13 @@ def round_up(x, multiple: int):
 
 
 def region_starts(lengths, chunk_size: int, page_size: int):
-  """Page-aligned first slot ``[B, Hkv]`` of each head when packed for ``lengths [B, Hkv]``.
+  """Page-aligned first slot ``[..., Hkv]`` of each head when packed for ``lengths [..., Hkv]``
+  (from 0; heads packed along the last axis).
 
   Head ``h`` gets ``round_up(length + chunk_size, page_size)`` slots: its tokens plus one chunk.
   """
-  need = round_up(lengths + chunk_size, page_size)  # [B, Hkv]
-  return jnp.cumsum(need, axis=1, dtype=jnp.int32) - need
+  need = round_up(lengths + chunk_size, page_size)  # [..., Hkv]
+  return jnp.cumsum(need, axis=-1, dtype=jnp.int32) - need
 
 
 def gather(pool, idx):

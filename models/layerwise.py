@@ -9,7 +9,12 @@ executable (all layers of the dense cache; the layers of a paged cache with equa
 bits). Decoding (one token per step) stays one program: there the dispatches would cost, and
 an unrolled step compiles fast.
 
-A cache takes part if it can hand out one layer as a cache of its own::
+A cache takes part in one of two ways:
+
+* its ``attend`` takes a traced layer index (``cache.traced_layers``; the paged cache, whose
+  layers all have the same shapes): every layer runs *one* program, ``attend(i, ...)`` with
+  ``i`` an operand, the whole cache donated and updated in place;
+* or it hands out one layer as a cache of its own (the dense and recording caches)::
 
     view = cache.layer_view(i)          # a one-layer cache: ``attend(0, ...)`` on layer i
     cache = cache.with_layer_view(i, view)   # puts the updated layer back
@@ -27,8 +32,8 @@ from headkv_jax.jit import jit
 
 def supports(cache) -> bool:
   """Whether ``cache`` can be driven layer by layer (``None`` or a cache with layer views)."""
-  return cache is None or (hasattr(cache, "layer_view")
-                            and hasattr(cache, "with_layer_view"))
+  return cache is None or getattr(cache, "traced_layers", False) or (
+      hasattr(cache, "layer_view") and hasattr(cache, "with_layer_view"))
 
 
 class LayerwiseForward:
@@ -55,12 +60,18 @@ class LayerwiseForward:
       block = nnx.merge(layer_graphdef, layer_params)
       return pin(block(x, positions, config.make_rope(), 0, cache), x.shape[0])
 
+    @jit(donate_argnames=("x", "cache"))
+    def traced_layer(layer_params, x, positions, cache, index):
+      block = nnx.merge(layer_graphdef, layer_params)
+      return pin(block(x, positions, config.make_rope(), index, cache), x.shape[0])
+
     @jit(static_argnames=("last_only",))
     def head(params, x, positions, last_only):
       model = nnx.merge(graphdef, params)
       return pin(model.head(model.norm(x), positions, last_only=last_only), x.shape[0])
 
     self._embed, self._layer, self._head = embed, layer, head
+    self._traced_layer = traced_layer
 
   def __call__(self, tokens, positions, cache, *, last_only: bool = False):
     """Same contract as the model call; ``cache`` is donated layer by layer."""
@@ -70,6 +81,9 @@ class LayerwiseForward:
     for i in range(self.num_layers):
       if cache is None:
         x, _ = self._layer(self._layer_params[i], x, positions, None)
+      elif getattr(cache, "traced_layers", False):
+        x, cache = self._traced_layer(self._layer_params[i], x, positions, cache,
+                                      jnp.int32(i))
       else:
         x, view = self._layer(self._layer_params[i], x, positions, cache.layer_view(i))
         cache = cache.with_layer_view(i, view)

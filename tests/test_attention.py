@@ -73,37 +73,3 @@ def test_tiled_attention_over_a_cache_counts_each_key_once(tile):
       num_tiles=(filled + tile - 1) // tile)
   got = attention.unfold_outputs(attention.normalize(o, l), 1)
   np.testing.assert_allclose(np.asarray(got), _brute_force(q, k, v, q_pos, k_pos), atol=2e-5)
-
-
-@pytest.mark.parametrize("t,tile", [(1, 256), (9, 4), (9, 7), (12, 64)])
-def test_attention_over_slots_matches_the_probability_reference(t, tile):
-  """The paged cache's attention (tiles over per-head slots + the causal chunk, merged by
-  log-sum-exp) equals the reference that materialises the probabilities, and so do the
-  statistics a policy sums from the observed queries: ragged per-head slots, empty slots,
-  a padding row and query, tiles that shift back at the end of the filled slots."""
-  from headkv_jax import cache_attention
-  rng = np.random.RandomState(t * 100 + tile)
-  b, hkv, group, c, d = 2, 2, 3, 21, 8
-  qg = rng.randn(b, hkv, group, t, d).astype(np.float32)
-  kc, vc = (rng.randn(b, hkv, c, d).astype(np.float32) for _ in range(2))
-  kn, vn = (rng.randn(b, hkv, t, d).astype(np.float32) for _ in range(2))
-  lengths = np.array([[17, 5], [0, 12]])  # tokens each (row, head) holds
-  pc = np.full((b, hkv, c), -1, np.int32)
-  for (i, h), n in np.ndenumerate(lengths):
-    pc[i, h, :n] = np.sort(rng.choice(40, n, replace=False))  # kept positions, in order
-  positions = np.full((b, t), -1, np.int32)
-  positions[0] = 40 + np.arange(t)
-  positions[1, :max(t - 1, 1)] = 40 + np.arange(max(t - 1, 1))  # row 1: a padding query
-  observed = positions >= 0
-  observed[0, 0] = t == 1  # an unobserved query (the SnapKV window's complement)
-  args = [jnp.asarray(x) for x in (qg, kc, vc, pc, kn, vn, positions)]
-  out, sums = attention.attention_over_slots(*args, num_filled=jnp.int32(lengths.max()),
-                                             observed=jnp.asarray(observed), tile=tile)
-  ref, probs = cache_attention.attention_over_cache(*args)
-  ref = np.asarray(ref).transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * group, d)
-  np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5)
-  want = np.sum(np.asarray(probs) * observed[:, None, None, :, None], axis=3)
-  np.testing.assert_allclose(np.asarray(sums), want, atol=2e-5)
-  none_out, none_sums = attention.attention_over_slots(*args, num_filled=17, tile=tile)
-  assert none_sums is None
-  np.testing.assert_allclose(np.asarray(none_out), ref, atol=2e-5)

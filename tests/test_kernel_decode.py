@@ -50,13 +50,16 @@ def _prefill(policy):
                                     policies.make_policy("snapkv", window=4)])
 def test_pallas_decode_matches_xla(policy):
   cache, last = _prefill(policy)
-  assert all(fp is not None for fp in cache.layers[0].fp[::2])  # quantized classes: windows
+  pairs = cache.layout.pairs
+  assert [p.fp is not None for p in cache.pools] == [min(b) < 16 for b in pairs]  # windows
   # The window's exact copies differ from the tokens' codes, so matching XLA to 1e-5 below
   # shows the kernel path reads window tokens from the window, not from their slots.
-  (kq, _), = cache.raw_view(1, None)
+  member, kq, _ = cache.raw_view(1)[pairs.index((4, 4))]
+  assert np.asarray(member).all()
   exact = np.asarray(cache.view(1)[0])
   coded = np.asarray(slot_store.decode(kq, 4, cache.quant_group, cache.dtype))
-  assert np.abs(exact - coded).max() > 1e-2
+  held = np.asarray(cache.view(1)[2]) >= 0
+  assert np.abs(exact - coded)[held].max() > 1e-2
   caches = {impl: cache.replace(attention_impl=impl) for impl in ("xla", "pallas")}
   assert kernel_decode.uses_kernel(caches["pallas"], 1)
   assert not kernel_decode.uses_kernel(caches["xla"], 1)
@@ -75,18 +78,18 @@ def test_pallas_decode_matches_xla(policy):
       assert np.isfinite(np.asarray(a)).all()
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5,
                                  err_msg=f"step {step} layer {layer}")
-      la, lb = got["pallas"][1].layers[layer], got["xla"][1].layers[layer]
-      np.testing.assert_allclose(np.asarray(la.scores), np.asarray(lb.scores), atol=1e-5,
+      sa, sb = (got[impl][1].view(layer)[3] for impl in ("pallas", "xla"))
+      np.testing.assert_allclose(np.asarray(sa), np.asarray(sb), atol=1e-5,
                                  rtol=1e-5, err_msg=f"scores step {step} layer {layer}")
     if step == 2:
       assert (np.asarray(got["pallas"][0][0])[1] == 0).all()
     caches = {impl: c.compress() for impl, (_, c) in got.items()}
     for layer in range(len(BITS)):
-      pa = caches["pallas"].slot_view(layer)[0]
-      pb = caches["xla"].slot_view(layer)[0]
+      pa = caches["pallas"].view(layer)[2]
+      pb = caches["xla"].view(layer)[2]
       np.testing.assert_array_equal(np.asarray(pa), np.asarray(pb))
   # Eviction happened and the window held tokens the kernel had to skip.
-  lengths = np.asarray(caches["pallas"].layers[0].lengths)
+  lengths = np.asarray(caches["pallas"].lengths[:, 0])
   np.testing.assert_array_equal(lengths, np.broadcast_to(BUDGETS[0], lengths.shape))
 
 

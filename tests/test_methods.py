@@ -90,9 +90,9 @@ def test_amortised_eviction_stays_in_its_region_and_matches_eager(name, same_tok
     for mode in caches:
       _, c = caches[mode].attend(0, q, kv, kv, pos, rope)
       caches[mode] = compress[mode](c)
-    lengths = np.asarray(caches["amortised"].layers[0].lengths)
+    lengths = np.asarray(caches["amortised"].lengths[:, 0])
     assert lengths.max() <= region
-    assert np.all(np.asarray(caches["eager"].layers[0].lengths) == budget)
+    assert np.all(np.asarray(caches["eager"].lengths[:, 0]) == budget)
     if np.all(lengths == budget):  # the amortised cache evicted at this step
       evictions += 1
       if not same_tokens:
@@ -119,8 +119,8 @@ def test_rechunk_keeps_tokens_and_shrinks():
   assert small.nbytes < cache.nbytes / 2
   for layer in range(2):
     a, b = cache.view(layer), small.view(layer)
-    np.testing.assert_array_equal(np.asarray(cache.layers[layer].lengths),
-                                  np.asarray(small.layers[layer].lengths))
+    np.testing.assert_array_equal(np.asarray(cache.lengths[:, layer]),
+                                  np.asarray(small.lengths[:, layer]))
     for x, y in zip(a[:4], b[:4]):
       n = y.shape[2]
       np.testing.assert_array_equal(np.asarray(x)[:, :, :n], np.asarray(y))

@@ -129,13 +129,13 @@ def reference_choices(pre, oracle):
   """Per layer: (positions ``[B, Hkv, C]``, numpy reference keep mask) of a cache about to
   compress."""
   out = []
-  for layer in range(len(pre.layers)):
+  for layer in range(pre.num_layers):
     _, _, pos, scores, _ = view_jit(pre, layer)
     if oracle is not None:  # answer attention by position, GQA group mean, at each slot
       b, hkv = pos.shape[:2]
       by_pos = np.asarray(oracle[layer]).reshape(b, hkv, -1, oracle[layer].shape[-1]).mean(2)
       scores = np.take_along_axis(by_pos, np.clip(np.asarray(pos), 0, None), axis=2)
-    keep = ref_keep(pre.policy, scores, pre.layers[layer].lengths, pre.budgets[layer])
+    keep = ref_keep(pre.policy, scores, pre.lengths[:, layer], pre.budgets[layer])
     out.append((np.asarray(pos), keep))
   return out
 
@@ -175,19 +175,18 @@ def test_eviction_invariants_and_reference_choice(policy):
   for i, post in enumerate(posts):
     for layer in range(layers):
       pre_pos, keep = checks[i * layers + layer]
-      lc = post.layers[layer]
       _, _, pos, _, _ = view_jit(post, layer)
-      pos, n = np.asarray(pos), np.asarray(lc.lengths)
+      pos, n = np.asarray(pos), np.asarray(post.lengths[:, layer])
       row_budgets = np.array(budgets[layer])
       if policy.adaptive:
         assert (n.sum(-1) <= row_budgets.sum()).all()
       else:
         assert (n <= row_budgets).all()
-      offsets = np.asarray(lc.offsets)
+      offsets = np.asarray(post.offsets[:, layer])
       assert (offsets % post.page_size == 0).all()
       assert (offsets[:, :-1] + n[:, :-1] <= offsets[:, 1:]).all()  # regions never overlap
       assert post.nbytes == cache.nbytes  # memory does not grow with the sequence
-      assert not np.asarray(lc.dropped).any()
+      assert not np.asarray(post.dropped).any()
       for b in range(batch):
         for h in range(hkv):
           kept = pos[b, h, : n[b, h]]
@@ -245,10 +244,11 @@ def test_gqa_stores_kv_heads_only():
   positions = jnp.arange(t, dtype=jnp.int32)[None]
   cache = PagedKVCache.create(layers, batch, hkv, D, 16, "h2o", chunk_size=t,
                               dtype=jnp.float32, page_size=4)
-  slots = cache.layers[0].k[0].shape[1]
+  pool, = cache.pools
+  slots = pool.k.shape[1]
   # Three KV heads' budgets + one chunk each, page rounded; nothing per query head.
   assert slots == 3 * 28 < 9 * 16
-  assert cache.layers[0].k[0].shape == (batch, slots, D)
+  assert pool.k.shape == (batch, slots, D)
   outs, cache = run_stack(cache, stack, positions, [(0, t)])
   np.testing.assert_allclose(outs[0], dense_reference(*stack[0], positions), atol=1e-5)
   assert cache.logical_tokens.shape == (layers, batch, hkv)
@@ -377,7 +377,7 @@ def test_paged_decode_reference_matches_attend():
   out, cache = cache.attend(0, q, k, v, positions[:, 14:], ROPE)
   k_pages, v_pages = cache.pages(0)
   ref, lse = paged_decode_attention_reference(
-      ROPE.apply(q, positions[:, 14:])[:, 0], k_pages, v_pages, cache.layers[0].lengths,
+      ROPE.apply(q, positions[:, 14:])[:, 0], k_pages, v_pages, cache.lengths[:, 0],
       cache.page_table(0))
   np.testing.assert_allclose(ref, out[:, 0], atol=1e-5)
   assert np.isfinite(np.asarray(lse)).all()
@@ -402,12 +402,12 @@ def test_headroom_compress_amortises_decode_eviction():
   assert (np.diff(kept) > 0).all() and set(range(16, 20)) <= set(kept.tolist())
   with pytest.raises(ValueError, match="headroom must be in"):
     cache.compress(headroom=5)
-  assert int(cache.layers[0].dropped.sum()) == 0
+  assert int(cache.dropped[:, 0].sum()) == 0
   for s in range(4, 9):  # skipping compress overflows the region: counted, never silent
     sl = slice(s, s + 1)
     _, cache = attend_layers(cache, [(q[:, sl], k[:, sl], v[:, sl])], positions[:, sl] + 20,
                              ROPE)
-  assert int(cache.layers[0].lengths[0, 0]) == 12 and int(cache.layers[0].dropped[0, 0]) == 1
+  assert int(cache.lengths[:, 0][0, 0]) == 12 and int(cache.dropped[:, 0][0, 0]) == 1
 
 
 @pytest.mark.parametrize("name, gqa_reduce, score_mode", [
@@ -500,7 +500,7 @@ def test_keydiff_scores_are_the_novelty_of_every_held_key(position_mode):
     np.testing.assert_allclose(cache.view(0)[3], _novelty_reference(held, pos >= 0), atol=1e-5)
     if s == 0:
       cache = cache.compress()
-      assert np.asarray(cache.layers[0].lengths).tolist() == [[6, 8, 6], [5, 5, 5]]
+      assert np.asarray(cache.lengths[:, 0]).tolist() == [[6, 8, 6], [5, 5, 5]]
 
 
 def test_pyramidkv_int_budget_falls_with_depth():
@@ -508,8 +508,9 @@ def test_pyramidkv_int_budget_falls_with_depth():
                               chunk_size=8)
   per_layer = [b[0] for b in cache.budgets]
   assert sum(per_layer) == 4 * 64 and per_layer == sorted(per_layer, reverse=True)
-  sizes = [l.k[0].shape[1] for l in cache.layers]
+  sizes = cache.layout.count[0].tolist()  # each layer's block of the one pool
   assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+  assert cache.pools[0].k.shape[1] == sum(sizes)  # no layer padded to the largest
 
 
 def test_bfloat16_pages_stay_close_to_float32():
@@ -520,7 +521,7 @@ def test_bfloat16_pages_stay_close_to_float32():
   for dtype in (jnp.float32, jnp.bfloat16):
     cache = PagedKVCache.create(layers, batch, hkv, D, 8, policies.make_policy("snapkv", window=2),
                                 chunk_size=6, dtype=dtype, page_size=4)
-    assert cache.layers[0].k[0].dtype == dtype
+    assert cache.pools[0].k.dtype == dtype
     for s in (0, 6):
       o, cache = jit_step(cache, [tuple(x[:, s:s + 6] for x in stack[0])], positions[:, s:s + 6],
                           ROPE)
@@ -559,7 +560,7 @@ def test_rolled_positions_equal_dense_attention_at_slots(name):
   outs, _ = attend_layers(cache, new, step_pos, ROPE)  # every layer's new token, [B, 1, H, D]
   for layer, ((qs, ks, vs), out) in enumerate(zip(new, outs)):
     kc, vc, _, _, _ = view_jit(cache, layer)  # kept keys, stored un-rotated
-    n = np.asarray(cache.layers[layer].lengths)
+    n = np.asarray(cache.lengths[:, layer])
     for b in range(batch):
       for h in range(hq):
         kv = h // group

@@ -101,9 +101,10 @@ def _held_raw(c):
   """Per layer: (positions [B, Hkv, C], the raw K/V stores at those slots); moves codes and
   scales only (no arithmetic), so the bits compared below are the stored ones."""
   out = []
-  for layer in range(len(c.layers)):
-    pos, _, idx = c.slot_view(layer)
-    out.append((pos, c.raw_view(layer, idx)))
+  for layer in range(c.num_layers):
+    _, _, pos, _, _ = c.slot_meta(layer)
+    (_, k, v), = c.raw_view(layer)  # one bit class
+    out.append((pos, ((k, v),)))
   return out
 
 
@@ -171,10 +172,10 @@ def test_mixed_bits_in_one_layer_match_each_class_alone():
   for h in range(hkv):  # query heads 2h, 2h + 1 read KV head h
     np.testing.assert_allclose(outs["mixed"][0][:, :, 2 * h:2 * h + 2],
                                outs[h][0][:, :, 2 * h:2 * h + 2], atol=1e-6)
-  assert len(cache.classes(0)) == 1
+  assert cache.layout.num_classes == 1
   mixed_cache = PagedKVCache.create(1, batch, hkv, D, 8, policy, chunk_size=4, bits=mixed,
                                     quant_group=4)
-  assert [c.bits for c in mixed_cache.classes(0)] == [(8, 4), (16, 16), (2, 2)]
+  assert mixed_cache.layout.pairs == ((8, 4), (16, 16), (2, 2))
 
 
 def test_nbytes_equal_the_analytic_formula():

@@ -114,7 +114,8 @@ class MethodSpec:
     SnapKV). A chunked ``headaware`` prefill ranks by :data:`CHUNKED_SCORE_MODE` with pool
     kernel :data:`CHUNKED_POOL_KERNEL` unless the spec sets one: the windows of the chunks
     before the question never look at a needle, a key's novelty does (README: "Head-aware
-    defaults"). The other methods stay the papers' ("latest").
+    defaults"). The other methods stay the papers' ("latest"). Once the prompt is in,
+    decoding ranks by "latest" (``models.method_driver.rechunk_for_decoding``).
     """
     if self.score_mode != "auto":
       return self
@@ -205,16 +206,16 @@ class CachePlan:
     return self.budgets is None
 
   def create(self, *, batch: int, head_dim: int, capacity: int, chunk_size: int,
-             dtype=jnp.float32, page_size: int = 16):
+             dtype=jnp.float32, page_size: int = 16, rope=None):
     """An empty cache: dense with room for ``capacity`` tokens, or paged with room for
-    ``chunk_size`` new tokens per call."""
+    ``chunk_size`` new tokens per call (``rope``: the model's, for the KeyDiff modes)."""
     if self.dense:
       return DenseKVCache.create(self.num_layers, batch, self.num_kv_heads, head_dim, capacity,
                                  dtype)
     return PagedKVCache.create(self.num_layers, batch, self.num_kv_heads, head_dim,
                                np.asarray(self.budgets), self.spec.policy(),
                                chunk_size=chunk_size, dtype=dtype, page_size=page_size,
-                               **self.paged_kwargs())
+                               rope=rope, **self.paged_kwargs())
 
   def paged_kwargs(self) -> dict:
     """The bit arguments of ``PagedKVCache.create`` (and ``prompt_stats.compress_prompt``)."""
@@ -254,14 +255,15 @@ def plan_cache(spec: MethodSpec, num_layers: int, num_kv_heads: int, *, max_len:
 def make_cache(spec: MethodSpec, *, num_layers: int, num_kv_heads: int, head_dim: int,
                batch: int, capacity: int, chunk_size: int, dtype=jnp.float32,
                max_len: int | None = None, profile: HeadProfile | None = None,
-               page_size: int = 16):
+               page_size: int = 16, rope=None):
   """An empty cache for ``spec``: :func:`plan_cache` then :meth:`CachePlan.create`.
 
   ``capacity`` sizes the dense cache (prompt + new tokens); ``chunk_size`` is the most tokens
   one model call adds (the prompt length for one-shot prefill); ``max_len`` (prompt + new
-  tokens, default ``capacity``) caps the per-head budgets.
+  tokens, default ``capacity``) caps the per-head budgets; ``rope`` is the model's (the
+  KeyDiff score modes need it).
   """
   plan = plan_cache(spec, num_layers, num_kv_heads, max_len=max_len or capacity,
                     profile=profile)
   return plan.create(batch=batch, head_dim=head_dim, capacity=capacity, chunk_size=chunk_size,
-                     dtype=dtype, page_size=page_size)
+                     dtype=dtype, page_size=page_size, rope=rope)

@@ -6,7 +6,6 @@ Layout (:mod:`headkv_jax.cache_layout`; ``c`` = a bit class, ``S_c`` its slots):
                                       the cache dtype at 16 bits, else packed codes + scales)
     pools[c].positions [B, S_c]       int32 original position of each slot, -1 when empty
     pools[c].scores    [B, S_c]       float32 the policy's per-slot statistic
-    pools[c].novelty   [B, S_c]       float32 KeyDiff key novelty (KeyDiff policies only)
     pools[c].fp        FpWindow       sinks + recent residual of quantized heads, cache dtype
     offsets            [B, L, Hkv]    int32 first slot of each head's region in its pool
     lengths            [B, L, Hkv]    int32 tokens each head holds
@@ -75,6 +74,7 @@ from headkv_jax import fp_window
 from headkv_jax import kernel_decode
 from headkv_jax import policies as policies_lib
 from headkv_jax import quantization
+from headkv_jax import rope as rope_lib
 from headkv_jax import sharding
 from headkv_jax import slot_pool
 from headkv_jax import slot_store
@@ -97,8 +97,6 @@ class Pool:
       mode, un-rotated in "cache_relative") and values.
     positions: ``[B, S_c]`` int32, ``-1`` when empty.
     scores: ``[B, S_c]`` float32 the policy's statistic (0 when unused).
-    novelty: ``[B, S_c]`` float32 :func:`~headkv_jax.policies.key_novelty` of each held key
-      (KeyDiff policies; None otherwise).
     fp: the class's :class:`FpWindow` ``[B, rows, F, D]`` (None for a 16-bit class).
   """
 
@@ -106,7 +104,6 @@ class Pool:
   v: object
   positions: jnp.ndarray
   scores: jnp.ndarray
-  novelty: jnp.ndarray | None = None
   fp: FpWindow | None = None
 
 
@@ -152,6 +149,7 @@ class PagedKVCache:
   residual: int = flax.struct.field(pytree_node=False, default=RESIDUAL)
   fp_sinks: int = flax.struct.field(pytree_node=False, default=FP_SINKS)
   attention_impl: str = flax.struct.field(pytree_node=False, default="auto")
+  rope_inv_freq: tuple | None = flax.struct.field(pytree_node=False, default=None)
 
   # Model code may pass a traced layer index to attend (one program for every layer).
   traced_layers = True
@@ -163,7 +161,8 @@ class PagedKVCache:
              budgets, policy: policies_lib.Policy | str, chunk_size: int,
              dtype=jnp.bfloat16, page_size: int = 16, bits=None, *,
              quant_group: int | None = None, residual: int = RESIDUAL,
-             fp_sinks: int = FP_SINKS, attention_impl: str = "auto") -> "PagedKVCache":
+             fp_sinks: int = FP_SINKS, attention_impl: str = "auto",
+             rope: rope_lib.RoPE | None = None) -> "PagedKVCache":
     """An empty cache.
 
     Args:
@@ -180,6 +179,8 @@ class PagedKVCache:
       residual, fp_sinks: recent / first tokens a quantized head keeps in ``dtype``; the
         residual is capped so the window never exceeds the smallest budget.
       attention_impl: "auto" (default), "pallas" or "xla" (see the class docstring).
+      rope: the model's RoPE; the KeyDiff score modes in "original" mode need it (they rank
+        keys before rotation, and the cache stores them rotated).
     """
     kernel_decode.check_impl(attention_impl)
     if isinstance(policy, str):
@@ -207,6 +208,13 @@ class PagedKVCache:
       raise ValueError(
           f"budgets must have shape [layers, kv_heads] = {list(shape)}, got {list(budgets.shape)}.")
     policy.check_budgets(budgets)
+    if (policy.uses_novelty and policy.position_mode == "original" and rope is None):
+      raise ValueError(f"score_mode={policy.score_mode!r} in position_mode='original' ranks "
+                       "keys before RoPE and the cache stores them rotated: pass the model's "
+                       "RoPE (rope=config.make_rope()).")
+    if rope is not None and rope.attention_scaling != 1.0:
+      raise ValueError(f"rope.attention_scaling={rope.attention_scaling}: the cache "
+                       "un-rotates keys with unscaled rotations; only 1.0 is supported.")
     bits = cache_layout.as_bits(bits, shape)
     if (bits < 16).any():
       if head_dim % quant_group:
@@ -236,7 +244,6 @@ class PagedKVCache:
           v=slot_store.empty(vb, lead, head_dim, dtype, quant_group),
           positions=jnp.full(lead, -1, jnp.int32),  # [B, S_c]
           scores=jnp.zeros(lead, jnp.float32),  # [B, S_c]
-          novelty=jnp.zeros(lead, jnp.float32) if policy.uses_novelty else None,
           fp=fp))
     per_head = (batch,) + shape
     return cls(
@@ -246,7 +253,9 @@ class PagedKVCache:
         dropped=jnp.zeros(per_head, jnp.int32),
         policy=policy, budgets=budgets_t, bits=bits_t, chunk_size=int(chunk_size),
         page_size=int(page_size), dtype=dtype.name, quant_group=int(quant_group),
-        residual=int(residual), fp_sinks=int(fp_sinks), attention_impl=attention_impl)
+        residual=int(residual), fp_sinks=int(fp_sinks), attention_impl=attention_impl,
+        rope_inv_freq=None if rope is None else tuple(
+            float(x) for x in np.asarray(rope.inv_freq)))
 
   # ---- inspection --------------------------------------------------------------------------
 
@@ -334,6 +343,19 @@ class PagedKVCache:
     """``[B, Hkv]`` slots each head may fill."""
     return jnp.minimum(self.region_end(layer) - self.offsets[:, layer], self.layout.max_region)
 
+  def rooms(self) -> jnp.ndarray:
+    """``[B, L, Hkv]`` :meth:`room` of every layer."""
+    lay = self.layout
+    if not lay.adaptive:
+      return jnp.broadcast_to(jnp.minimum(jnp.asarray(lay.region, jnp.int32), lay.max_region),
+                              self.offsets.shape)
+    c0 = lay.class_of[:, 0]  # adakv: one class per layer
+    layers = np.arange(self.num_layers)
+    block_end = jnp.asarray(lay.base[c0, layers] + lay.count[c0, layers], jnp.int32)  # [L]
+    ends = jnp.concatenate([self.offsets[:, :, 1:], jnp.broadcast_to(
+        block_end[None, :, None], self.offsets[:, :, :1].shape)], axis=2)
+    return jnp.minimum(ends - self.offsets, lay.max_region)
+
   def page_table(self, layer) -> jnp.ndarray:
     """``[B, Hkv, max_pages]`` int32 page ids of each head's region in its class's pool (a
     row's pool seen as ``[S_c / page_size, page_size, ...]`` pages), ``-1`` past its end."""
@@ -372,6 +394,23 @@ class PagedKVCache:
     kb, vb = self.layout.pairs[c]
     safe = jnp.clip(idx, 0, pool.positions.shape[1] - 1)
     take = lambda x: slot_pool.gather(x, safe)
+    pos = jnp.where(valid, take(pool.positions), -1)
+    k = slot_store.decode(slot_store.tree(take, pool.k), kb, self.quant_group, self.dtype)
+    v = None
+    if values:
+      v = slot_store.decode(slot_store.tree(take, pool.v), vb, self.quant_group, self.dtype)
+    if fp is not None:
+      k, v_fp, _ = fp_window.read(fp, pos, k, k if v is None else v, self.fp_sinks,
+                                  self.residual)
+      v = v_fp if values else None
+    return k, v, pos
+
+  def read_run(self, c: int, start, size: int, valid, fp=None, values: bool = True):
+    """:meth:`read` of the ``size`` consecutive slots of pool ``c`` from ``start [B, Hkv]``
+    (``<= S_c - size``): one contiguous block per head."""
+    pool = self.pools[c]
+    kb, vb = self.layout.pairs[c]
+    take = lambda x: slot_pool.runs(x, start, size)
     pos = jnp.where(valid, take(pool.positions), -1)
     k = slot_store.decode(slot_store.tree(take, pool.k), kb, self.quant_group, self.dtype)
     v = None
@@ -422,33 +461,75 @@ class PagedKVCache:
     return out
 
   def slot_meta(self, layer, size: int | None = None):
-    """Positions, stored scores and novelty of each head's first ``size`` slots (default
-    ``layout.max_region``) -> ``(idx, valid, positions, scores, novelty or None)``, each
-    ``[B, Hkv, size]`` (the per-slot metadata eviction ranks; no K/V)."""
+    """Positions and stored scores of each head's first ``size`` slots (default
+    ``layout.max_region``) -> ``(idx, valid, positions, scores)``, each ``[B, Hkv, size]``
+    (the per-slot metadata eviction ranks; no K/V)."""
     size = size or self.layout.max_region
     n = self.lengths[:, layer]
     idx = self.offsets[:, layer][..., None] + jnp.arange(size, dtype=jnp.int32)
     valid = jnp.arange(size)[None, None, :] < n[..., None]
     pos = jnp.full(idx.shape, -1, jnp.int32)
     sc = jnp.zeros(idx.shape, jnp.float32)
-    nov = None if self.pools[0].novelty is None else jnp.zeros(idx.shape, jnp.float32)
     for c, pool in enumerate(self.pools):
       safe = jnp.clip(idx, 0, pool.positions.shape[1] - 1)
       m = self.members(layer, c)[None, :, None] & valid
       pos = jnp.where(m, slot_pool.gather(pool.positions, safe), pos)
       sc = jnp.where(m, slot_pool.gather(pool.scores, safe), sc)
-      if nov is not None:
-        nov = jnp.where(m, slot_pool.gather(pool.novelty, safe), nov)
-    return idx, valid, pos, sc, nov
+    return idx, valid, pos, sc
 
-  def selection_scores(self, layer):
+  def selection_scores(self, layer, valid=None, scores=None, size: int | None = None):
     """``[B, Hkv, max_region]`` the statistic the policy ranks each held slot by: the stored
-    scores, or for the KeyDiff modes the key novelty (``"keydiff"``) or its union rank with
-    the stored window attention (``"keydiff_window"``)."""
-    _, valid, _, sc, nov = self.slot_meta(layer)
+    scores, or for the KeyDiff modes the key novelty of the keys held now (``"keydiff"``,
+    :meth:`held_novelty`) or its union rank with the stored window attention
+    (``"keydiff_window"``). ``valid`` / ``scores`` are :meth:`slot_meta`'s of the same
+    ``size`` when known."""
+    if valid is None:
+      _, valid, _, scores = self.slot_meta(layer, size)
     if self.policy.uses_novelty:
-      return policies_lib.novelty_scores(self.policy, nov, sc, valid)
-    return sc
+      nov = self.held_novelty(layer, valid.shape[-1])
+      return policies_lib.novelty_scores(self.policy, nov, scores, valid)
+    return scores
+
+  def held_novelty(self, layer, size: int | None = None):
+    """KeyDiff: every held key of ``layer`` (before RoPE) scored by
+    :func:`~headkv_jax.policies.key_novelty` among its head's held keys -> ``[B, Hkv,
+    size]`` by slot (0 where empty; ``size`` >= the layer's longest head, default
+    ``layout.max_region``). Computed when a head is ranked (eviction), so decode steps
+    between evictions pay nothing for it: one pass of tiles un-rotates the held keys into a
+    ``[B, Hkv, size, D]`` scratch of unit keys, whose per-head mean is the anchor."""
+    pad = self._tile_size()  # slot s at index pad + s
+    view = size or self.layout.max_region
+    padded = -(-view // pad) * pad
+    rope = self.rope if self.policy.position_mode == "original" else None
+    b, hkv, d = self.batch, self.num_kv_heads, self.head_dim
+    units = jnp.zeros((b, hkv, d, pad + padded), jnp.float32)
+    for c in range(len(self.pools)):
+      _, num_tiles, slots, tile = self._tiles(layer, c)
+      fp = self._fp_rows(layer, c)
+
+      def unit(j, units, c=c, slots=slots, fp=fp, tile=tile):
+        s, start, valid = slots(j)
+        kb, _, kp = self.read_run(c, start, tile, valid, fp, values=False)
+        kb = kb if rope is None else slot_pool.rotate(rope, kb, -kp)
+        u = policies_lib.unit_keys(kb).transpose(0, 1, 3, 2)  # [B, Hkv, D, tile]
+        at = jnp.clip(s[..., 0] + pad, 0, units.shape[-1] - tile)
+        return slot_pool.update_runs(units, at, u, valid[:, :, None, :])
+
+      units = jax.lax.fori_loop(0, num_tiles, unit, units)
+    units = units[..., pad:pad + view].transpose(0, 1, 3, 2)  # [B, Hkv, view, D]
+    anchor = policies_lib.unit_keys(jnp.sum(units, axis=2, keepdims=True))  # [B, Hkv, 1, D]
+    held = jnp.arange(view)[None, None, :] < self.lengths[:, layer][..., None]
+    return jnp.where(held, 1.0 - jnp.sum(units * anchor, axis=-1), 0.0)
+
+  @property
+  def rope(self):
+    """The model's :class:`~headkv_jax.rope.RoPE` the cache un-rotates keys with (KeyDiff
+    in "original" mode), from ``rope_inv_freq``."""
+    if self.rope_inv_freq is None:
+      raise ValueError(f"score_mode={self.policy.score_mode!r} in position_mode='original' "
+                       "un-rotates the stored keys: create the cache with the model's RoPE "
+                       "(PagedKVCache.create(..., rope=config.make_rope())).")
+    return rope_lib.RoPE(inv_freq=np.asarray(self.rope_inv_freq, np.float32))
 
   # ---- the model contract ------------------------------------------------------------------
 
@@ -501,8 +582,8 @@ class PagedKVCache:
     kernel = kernel_decode.uses_kernel(self, t)
     logits = None  # a decode step keeps its slot logits for the statistic (one pass)
     if t == 1 and observed is not None and not kernel:
-      tile = self._tile_size()
-      size = -(-self.layout.max_region // tile) * tile
+      tile = self._tile_size()  # slot s at index tile + s (a shifted-back run may start < 0)
+      size = tile + -(-self.layout.max_region // tile) * tile
       logits = jnp.full((b, hkv, group, size), -jnp.inf, jnp.float32)
     if kernel:  # the fused Pallas kernel reads the codes in place
       cached = kernel_decode.cached_partial(self, layer, q_rows, positions)
@@ -524,18 +605,15 @@ class PagedKVCache:
       lse = jnp.where(jnp.repeat(observed, group, axis=1)[:, None, :],
                       attention.row_lse(m, l), jnp.inf)  # [B, Hkv, T * G]
       if logits is not None:
-        cache = cache._scores_from_logits(layer, logits, lse)
+        cache = cache._scores_from_logits(layer, logits[..., self._tile_size():], lse)
       else:
         for c in range(len(self.pools)):
           cache = cache._collect_scores(layer, c, q_rows, q_pos_rows, lse, rope, group)
       sums = attention.causal_key_sums(qr, k_t, positions, lse)  # [B, Hkv, G, T]
       new_scores = policies_lib.reduce_group(sums, self.policy.gqa_reduce, axis=2)
-    new_novelty = None
-    if self.policy.uses_novelty:
-      cache, new_novelty = cache._score_novelty(layer, kt, tok_valid, rope)
-    return out, cache._write(layer, k_store, vt, positions, new_scores, new_novelty)
+    return out, cache._write(layer, k_store, vt, positions, new_scores)
 
-  def append(self, layer, k, v, positions, scores, novelty=None) -> "PagedKVCache":
+  def append(self, layer, k, v, positions, scores) -> "PagedKVCache":
     """Stores tokens without attending: the write half of :meth:`attend`.
 
     For callers that computed attention elsewhere (the shared one-shot prefill of
@@ -547,27 +625,31 @@ class PagedKVCache:
         "original" mode) and values.
       positions: ``[B, T]`` int32 positions, ``-1`` for padding (not stored).
       scores: ``[B, Hkv, T]`` float32 the policy's per-slot statistic of each token.
-      novelty: ``[B, Hkv, T]`` float32 key novelty (KeyDiff policies).
     """
     if k.shape[2] > self.chunk_size:
       raise ValueError(f"{k.shape[2]} new tokens exceed chunk_size={self.chunk_size}.")
-    if self.policy.uses_novelty and novelty is None:
-      raise ValueError(f"score_mode={self.policy.score_mode!r} ranks by key novelty; pass "
-                       "each token's novelty to append.")
-    return self._write(layer, k, v, positions, scores.astype(jnp.float32), novelty)
+    return self._write(layer, k, v, positions, scores.astype(jnp.float32))
 
-  def _tiles(self, layer, c: int, tile: int):
-    """Tile geometry of class ``c``'s heads in ``layer``: ``(n_c [B, Hkv], num_tiles,
-    slots(j) -> (slot-in-region [tile], pool index [B, Hkv, tile], valid [B, Hkv, tile]))``."""
+  def _tiles(self, layer, c: int):
+    """Tile geometry of class ``c``'s heads in ``layer`` -> ``(n_c [B, Hkv], num_tiles,
+    slots, tile)`` (``tile`` = slots per tile, at most :meth:`_tile_size` and the pool's): ``slots(j) -> (s, start, valid)``, tile ``j`` of every head as the run of
+    ``tile`` pool slots from ``start [B, Hkv]``, ``s [B, Hkv, tile]`` their slot in the
+    head's region, ``valid`` the held slots first read by this tile. A run that would pass
+    the pool's end is shifted back (its slots before ``j * tile`` are not valid); a head
+    done before tile ``j`` re-reads its first slots (cached, never valid)."""
     n_c = self._class_lengths(layer, c)
     off = self.offsets[:, layer]
+    num_slots = self.pools[c].positions.shape[1]
+    tile = min(self._tile_size(), num_slots)
     num_tiles = (jnp.max(n_c) + tile - 1) // tile
 
     def slots(j):
-      s = j * tile + jnp.arange(tile, dtype=jnp.int32)  # [tile]
-      return s, off[..., None] + s, s[None, None, :] < n_c[..., None]
+      nominal = j * tile
+      start = jnp.minimum(off + jnp.where(nominal < n_c, nominal, 0), num_slots - tile)
+      s = (start - off)[..., None] + jnp.arange(tile, dtype=jnp.int32)  # [B, Hkv, tile]
+      return s, start, (s >= nominal) & (s < n_c[..., None])
 
-    return n_c, num_tiles, slots
+    return n_c, num_tiles, slots, tile
 
   def _tile_size(self) -> int:
     return min(TILE, self.layout.max_region)
@@ -576,29 +658,26 @@ class PagedKVCache:
     """Folds the held slots of ``layer``'s class-``c`` heads into the online softmax; with
     ``logits [B, Hkv, R, >= max_region]`` also records each held slot's logit there (by
     slot in its region; a decode step's statistics then need no second pass)."""
-    tile = self._tile_size()
-    _, num_tiles, slots = self._tiles(layer, c, tile)
+    _, num_tiles, slots, tile = self._tiles(layer, c)
+    pad = self._tile_size()
     fp = self._fp_rows(layer, c)
     q_pos = q_pos_rows[:, None, :, None]  # [B, 1, R, 1]
-    off = self.offsets[:, layer][..., None]
 
     def fetch(j):
-      s, idx, valid = slots(j)
-      # A head done before this tile re-reads its first slot (cached), not other heads'.
-      kb, vb, kp = self.read(c, jnp.where(valid, idx, off), valid, fp)
+      s, start, valid = slots(j)
+      kb, vb, kp = self.read_run(c, start, tile, valid, fp)
       if self.policy.position_mode == "cache_relative":
-        kb = slot_pool.rotate(rope, kb, jnp.broadcast_to(s, kp.shape))
+        kb = slot_pool.rotate(rope, kb, s)
       mask = valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
       return kb, vb, mask
 
     if logits is None:
       return attention.tile_loop(q_rows, fetch, num_tiles, init)
 
-    def keep(j, tile_logits, buf):
-      valid = slots(j)[2][:, :, None, :]  # [B, Hkv, 1, tile]
-      old = jax.lax.dynamic_slice_in_dim(buf, j * tile, tile, axis=3)
-      return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(valid, tile_logits, old),
-                                                 j * tile, axis=3)
+    def keep(j, tile_logits, buf):  # slot s at index pad + s of buf (see attend)
+      s, _, valid = slots(j)
+      at = jnp.clip(s[..., 0] + pad, 0, buf.shape[-1] - tile)
+      return slot_pool.update_runs(buf, at, tile_logits, valid[:, :, None, :])
 
     return attention.tile_loop(q_rows, fetch, num_tiles, init, record=(keep, logits))
 
@@ -628,20 +707,19 @@ class PagedKVCache:
     """The policy's statistic of ``layer``'s class-``c`` slots from this call's observed
     queries (``lse`` = +inf elsewhere): replaces (SnapKV) or adds to (H2O, "accumulate")
     each held slot's score in its pool."""
-    tile = self._tile_size()
-    _, num_tiles, slots = self._tiles(layer, c, tile)
+    _, num_tiles, slots, tile = self._tiles(layer, c)
     q_pos = q_pos_rows[:, None, :, None]
     fp = self._fp_rows(layer, c)
-    off = self.offsets[:, layer][..., None]
     pool = self.pools[c]
     num_slots = pool.positions.shape[1]
     accumulates = self.policy.accumulates
 
     def body(j, scores):
-      s, idx, valid = slots(j)
-      kb, _, kp = self.read(c, jnp.where(valid, idx, off), valid, fp, values=False)
+      s, start, valid = slots(j)
+      idx = start[..., None] + jnp.arange(tile, dtype=jnp.int32)  # [B, Hkv, tile]
+      kb, _, kp = self.read_run(c, start, tile, valid, fp, values=False)
       if self.policy.position_mode == "cache_relative":
-        kb = slot_pool.rotate(rope, kb, jnp.broadcast_to(s, kp.shape))
+        kb = slot_pool.rotate(rope, kb, s)
       mask = valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
       part = attention.tile_key_sums(q_rows, kb, mask, lse, group)
       per = policies_lib.reduce_group(part, self.policy.gqa_reduce, axis=2)  # [B, Hkv, tile]
@@ -653,49 +731,10 @@ class PagedKVCache:
     scores = jax.lax.fori_loop(0, num_tiles, body, pool.scores)
     return self._with_pool(c, pool.replace(scores=scores))
 
-  def _score_novelty(self, layer, kt, tok_valid, rope):
-    """KeyDiff: every held key of ``layer`` and the chunk's keys ``kt [B, Hkv, T, D]``
-    (pre-RoPE) scored by :func:`~headkv_jax.policies.key_novelty` among its head's keys ->
-    (cache with the held slots re-scored, the new tokens' novelty ``[B, Hkv, T]``)."""
-    tile = self._tile_size()
-    new_valid = jnp.broadcast_to(tok_valid[:, None, :], kt.shape[:3])  # [B, Hkv, T]
-    unit_new = policies_lib.unit_keys(kt)  # [B, Hkv, T, D]
-    anchor = jnp.sum(jnp.where(new_valid[..., None], unit_new, 0.0), axis=2)  # [B, Hkv, D]
-    rolled = self.policy.position_mode == "cache_relative"
-
-    def pre_rope(c, slots, j):  # held keys of tile j, un-rotated
-      _, idx, valid = slots(j)
-      kb, _, kp = self.read(c, idx, valid, self._fp_rows(layer, c), values=False)
-      return (kb if rolled else slot_pool.rotate(rope, kb, -kp)), idx, valid
-
-    geometry = [self._tiles(layer, c, tile) for c in range(len(self.pools))]
-    for c, (_, num_tiles, slots) in enumerate(geometry):
-      def add(j, acc, c=c, slots=slots):
-        kb, _, valid = pre_rope(c, slots, j)
-        unit = policies_lib.unit_keys(kb)
-        return acc + jnp.sum(jnp.where(valid[..., None], unit, 0.0), axis=2)
-      anchor = jax.lax.fori_loop(0, num_tiles, add, anchor)
-    anchor = policies_lib.unit_keys(anchor[:, :, None, :])  # [B, Hkv, 1, D]
-
-    cache = self
-    for c, (_, num_tiles, slots) in enumerate(geometry):
-      pool = cache.pools[c]
-      num_slots = pool.positions.shape[1]
-
-      def score(j, nov, c=c, slots=slots, num_slots=num_slots):
-        kb, idx, valid = pre_rope(c, slots, j)
-        val = 1.0 - jnp.sum(policies_lib.unit_keys(kb) * anchor, axis=-1)  # [B, Hkv, tile]
-        return slot_pool.scatter(nov, jnp.where(valid, idx, num_slots), val)
-
-      cache = cache._with_pool(c, pool.replace(
-          novelty=jax.lax.fori_loop(0, num_tiles, score, pool.novelty)))
-    new = jnp.where(new_valid, 1.0 - jnp.sum(unit_new * anchor, axis=-1), 0.0)
-    return cache, new
-
-  def _write(self, layer, k_store, v_new, positions, new_scores, new_novelty=None):
+  def _write(self, layer, k_store, v_new, positions, new_scores):
     """The real tokens of ``positions [B, T]`` appended to each head's region of ``layer``
     (``k_store, v_new [B, Hkv, T, D]``, quantized here once for a quantized class;
-    ``new_scores`` / ``new_novelty [B, Hkv, T]``); a head whose region is full drops the
+    ``new_scores [B, Hkv, T]``); a head whose region is full drops the
     overflow and counts it in ``dropped``."""
     lay = self.layout
     n = self.lengths[:, layer]
@@ -723,7 +762,6 @@ class PagedKVCache:
           v=slot_store.tree(put, pool.v, enc(v_new, vb)),
           positions=put(pool.positions, new_pos),
           scores=put(pool.scores, new_scores),
-          novelty=None if pool.novelty is None else put(pool.novelty, new_novelty),
           fp=fp))
     n_new = n + jnp.sum(stored, axis=-1, dtype=jnp.int32)
     lost = jnp.sum(tok_valid[:, None, :] & ~stored, axis=-1, dtype=jnp.int32)

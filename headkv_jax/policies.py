@@ -253,10 +253,16 @@ def priorities(policy: Policy, scores, lengths, budgets):
   return jnp.where(forced, jnp.inf, prio)
 
 
+def _inverse_permutation(perm):
+  """``inv`` with ``inv[..., perm[..., i]] = i`` along the last axis (a scatter, not a sort)."""
+  lead = jnp.indices(perm.shape, sparse=True)[:-1]
+  iota = jnp.broadcast_to(jnp.arange(perm.shape[-1], dtype=jnp.int32), perm.shape)
+  return jnp.zeros(perm.shape, jnp.int32).at[lead + (perm,)].set(iota)
+
+
 def _ranks(prio):
   """Rank of every entry along the last axis by descending ``prio``, ties to lower index."""
-  order = jnp.argsort(-prio, axis=-1, stable=True)
-  return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
+  return _inverse_permutation(jnp.argsort(-prio, axis=-1, stable=True).astype(jnp.int32))
 
 
 def select_keep(policy: Policy, scores, lengths, budgets):
@@ -291,10 +297,15 @@ def select_keep(policy: Policy, scores, lengths, budgets):
 def compact(keep):
   """Keep mask ``[B, Hkv, C]`` -> (gather indices ``[B, Hkv, C]``, new lengths ``[B, Hkv]``).
 
-  The first ``new_length`` indices are the kept slots in ascending (= position) order.
+  The first ``new_length`` indices are the kept slots in ascending (= position) order, the
+  dropped ones after them in ascending order (what a stable sort of ``~keep`` gives; computed
+  with cumulative sums and one scatter).
   """
-  order = jnp.argsort(~keep, axis=-1, stable=True).astype(jnp.int32)
-  return order, jnp.sum(keep, axis=-1, dtype=jnp.int32)
+  kept = jnp.cumsum(keep, axis=-1, dtype=jnp.int32)  # [B, Hkv, C]
+  new_len = kept[..., -1]
+  dropped = jnp.cumsum(~keep, axis=-1, dtype=jnp.int32)
+  dest = jnp.where(keep, kept - 1, new_len[..., None] + dropped - 1)  # a permutation
+  return _inverse_permutation(dest), new_len
 
 
 def key_novelty(keys, valid):

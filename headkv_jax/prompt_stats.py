@@ -8,7 +8,7 @@ of *every* policy in one prefill, then build each method's compressed cache from
 
     cache = RecordingCache.create(dense_cache, window=32)      # wraps a DenseKVCache
     logits, cache = model(prompt, positions, cache)             # one chunk: the whole prompt
-    small = compress_prompt(cache, budgets, policy, decode_chunk=1)   # per method, jit-able
+    small = compress_prompt(cache, budgets, policy)   # per method, jit-able
 
 ``compress_prompt`` fills a :class:`PagedKVCache` with the prompt and each token's statistic,
 then runs the cache's own ``rechunk`` (which evicts with the policy's own ``select_keep``), so
@@ -22,8 +22,6 @@ The statistics, per layer and query head (reduced to KV heads per policy, by its
                                     (H2O's score)
     window       [B, Hkv, G, W, P]  attention of the last ``W`` real queries (oldest first);
                                     the SnapKV family sums its last ``window <= W`` of them
-    novelty      [B, Hkv, P]        each key's distance from its head's mean key direction
-                                    (``score_mode="keydiff"``, ``policies.key_novelty``)
 
 Only the "original" position mode is supported (keys stored rotated at their positions).
 """
@@ -92,8 +90,8 @@ def attention_stats(q, k, positions, window: int, lse_rows=None,
 def slot_scores(policy: policies_lib.Policy, accumulated, window_probs):
   """One layer's per-token statistic ``[B, Hkv, T]`` for ``policy`` (what its cache collects
   while attending: H2O's accumulated attention, the SnapKV family's observation window; the
-  KeyDiff modes rank by the recorded key novelty too, which the cache combines with this
-  when it evicts).
+  KeyDiff modes rank by the held keys' novelty too, which the cache computes when it
+  evicts).
 
   ``accumulated [B, Hkv, G, T]`` and ``window_probs [B, Hkv, G, W, T]`` come from
   :func:`attention_stats`; the SnapKV family needs ``policy.window <= W``.
@@ -122,15 +120,12 @@ class RecordingCache:
   Attributes:
     dense: the wrapped :class:`DenseKVCache` (attention and K/V storage).
     accumulated, window_probs: per layer, the statistics (None before the layer ran).
-    novelty: per layer ``[B, Hkv, T]``, :func:`headkv_jax.policies.key_novelty` of the call's
-      keys before RoPE (None before the layer ran).
     window: ``W``, static.
   """
 
   dense: DenseKVCache
   accumulated: tuple
   window_probs: tuple
-  novelty: tuple
   window: int = flax.struct.field(pytree_node=False)
 
   @classmethod
@@ -139,7 +134,7 @@ class RecordingCache:
       raise ValueError(f"window must be >= 0, got {window}.")
     n = len(dense.layers)
     return cls(dense=dense, accumulated=(None,) * n, window_probs=(None,) * n,
-               novelty=(None,) * n, window=int(window))
+               window=int(window))
 
   @property
   def nbytes(self) -> int:
@@ -152,8 +147,7 @@ class RecordingCache:
     """Layer ``layer`` as a one-layer recording cache (for layer-by-layer prefill)."""
     return self.replace(dense=self.dense.layer_view(layer),
                         accumulated=(self.accumulated[layer],),
-                        window_probs=(self.window_probs[layer],),
-                        novelty=(self.novelty[layer],))
+                        window_probs=(self.window_probs[layer],))
 
   def with_layer_view(self, layer: int, view: "RecordingCache") -> "RecordingCache":
     """This cache with layer ``layer`` (storage and statistics) taken from ``view``."""
@@ -163,8 +157,7 @@ class RecordingCache:
 
     return self.replace(dense=self.dense.with_layer_view(layer, view.dense),
                         accumulated=put(self.accumulated, view.accumulated),
-                        window_probs=put(self.window_probs, view.window_probs),
-                        novelty=put(self.novelty, view.novelty))
+                        window_probs=put(self.window_probs, view.window_probs))
 
   def attend(self, layer: int, q, k, v, positions, rope):
     """The dense cache's attention, plus this call's statistics for ``layer``."""
@@ -175,26 +168,25 @@ class RecordingCache:
     def put(seq, x):
       return seq[:layer] + (x,) + seq[layer + 1:]
 
-    valid = jnp.broadcast_to((positions >= 0)[:, None, :], acc.shape[:2] + acc.shape[3:])
-    nov = policies_lib.key_novelty(k.transpose(0, 2, 1, 3), valid)  # [B, Hkv, T]
     return out, self.replace(dense=dense, accumulated=put(self.accumulated, acc),
-                             window_probs=put(self.window_probs, win),
-                             novelty=put(self.novelty, nov))
+                             window_probs=put(self.window_probs, win))
 
 
 def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Policy, *,
-                    decode_chunk: int = 1, page_size: int = 16, bits=None,
-                    residual: int | None = None) -> PagedKVCache:
+                    decode_chunk: int | None = None, page_size: int = 16, bits=None,
+                    residual: int | None = None, rope=None) -> PagedKVCache:
   """The compressed cache ``policy`` keeps of a one-shot prefill, ready for decoding.
 
   Args:
     recorded: a :class:`RecordingCache` after one model call over the whole prompt.
     budgets: ``[layers, Hkv]`` ints (or one int), as ``PagedKVCache.create``.
     policy: any policy but "oracle" (it needs the answer's attention), in "original" mode.
-    decode_chunk: the returned cache's ``chunk_size`` (1 for token-by-token decoding).
+    decode_chunk: the returned cache's ``chunk_size`` (default ``page_size``: decoding's
+      room, so an amortised eviction runs at most once per page of new tokens per head).
     page_size: slots per page.
     bits: per-head storage bits as ``PagedKVCache.create`` takes them (None: 16).
     residual: full-precision recent tokens of a quantized head (None: the cache default).
+    rope: the model's RoPE (the KeyDiff score modes need it; see ``PagedKVCache.create``).
 
   Returns:
     A :class:`PagedKVCache` holding each head's kept tokens (``rechunk(decode_chunk)``).
@@ -213,22 +205,21 @@ def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Poli
   t = recorded.accumulated[0].shape[-1]  # tokens of the recorded call
   cache = PagedKVCache.create(len(layers), b, hkv, d, budgets, policy, chunk_size=t,
                               dtype=layers[0].k.dtype, page_size=page_size, bits=bits,
+                              rope=rope,
                               **({} if residual is None else {'residual': residual}))
   # Every layer's recording stacked, so one compiled loop body appends any layer.
   stack = lambda xs: jnp.stack(list(xs))
   ks, vs = stack(lc.k[:, :, :t] for lc in layers), stack(lc.v[:, :, :t] for lc in layers)
   pos = stack(lc.positions[:, :t] for lc in layers)  # [L, B, T]
-  acc, win, nov = (stack(x) for x in (recorded.accumulated, recorded.window_probs,
-                                      recorded.novelty))
+  acc, win = stack(recorded.accumulated), stack(recorded.window_probs)
 
   def append(i, cache):
     # The recorded call filled slots [0, t) of every row (padding holds position -1).
     scores = slot_scores(policy, acc[i], win[i])
-    return cache.append(i, ks[i], vs[i], pos[i], scores,
-                        nov[i] if policy.uses_novelty else None)
+    return cache.append(i, ks[i], vs[i], pos[i], scores)
 
   cache = jax.lax.fori_loop(0, len(layers), append, cache)
-  return cache.rechunk(decode_chunk)
+  return cache.rechunk(page_size if decode_chunk is None else decode_chunk)
 
 
 def check_one_shot(recorded: RecordingCache) -> None:

@@ -34,6 +34,29 @@ def gather(pool, idx):
   return out.reshape((b, h, n) + pool.shape[2:])
 
 
+def runs(pool, starts, size: int):
+  """``pool [B, S, ...]``, ``starts [B, Hkv]`` (``<= S - size``) -> the ``size`` consecutive
+  slots from each start, ``[B, Hkv, size, ...]``: one contiguous block per head (a head's
+  slots are consecutive), far cheaper than gathering slot by slot."""
+  def row(p, st):  # p [S, ...], st [Hkv]
+    return jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(p, s, size, axis=0))(st)
+
+  return jax.vmap(row)(pool, starts)
+
+
+def update_runs(buf, starts, values, mask):
+  """``buf [B, Hkv, ..., N]`` with ``values [B, Hkv, ..., size]`` written along the last axis
+  from ``starts [B, Hkv]`` (``<= N - size``) where ``mask`` (broadcastable) holds."""
+  size = values.shape[-1]
+
+  def one(b, st, v, m):  # b [..., N]
+    old = jax.lax.dynamic_slice_in_dim(b, st, size, axis=b.ndim - 1)
+    return jax.lax.dynamic_update_slice_in_dim(b, jnp.where(m, v, old), st, axis=b.ndim - 1)
+
+  mask = jnp.broadcast_to(mask, values.shape)
+  return jax.vmap(jax.vmap(one))(buf, starts, values, mask)
+
+
 def scatter(pool, idx, values):
   """Writes ``values [B, Hkv, N, ...]`` at ``idx [B, Hkv, N]``; indices >= S are dropped.
 
@@ -60,4 +83,4 @@ def rotate(rope, x, pos):
   return (xf * cos + rotated * sin).astype(x.dtype)
 
 
-__all__ = ["round_up", "region_starts", "gather", "scatter", "rotate"]
+__all__ = ["round_up", "region_starts", "gather", "runs", "update_runs", "scatter", "rotate"]

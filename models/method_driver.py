@@ -21,10 +21,11 @@ What runs where:
   (``tests/test_prompt_stats.py``) without materialising ``[T, budget + T]`` probabilities.
   ``models.shared_prefill`` reuses one such prefill for many methods.
 * otherwise the paged cache with room for one prefill chunk, compressed after every chunk and
-  re-packed for decoding after the prompt (``rechunk(1)``).
+  re-packed for decoding after the prompt (``rechunk(page_size)``: room for a page of new
+  tokens per head).
 * while decoding, eviction is amortised (:func:`evict_while_decoding`): a layer evicts only
   when one of its heads has no room for the next token, so a head holds between its budget and
-  its region (budget + up to one page); H2O's scores still accumulate every step, and
+  its region (budget + one to two pages: ``round_up(budget + page, page)``); H2O's scores still accumulate every step, and
   ``cache_bytes`` counts the regions, headroom included.
 * the oracle compresses with the answer's attention (``oracle_scores``) at every stage; its
   hooks are partials of compiled functions with the scores as operands, so every sample reuses
@@ -44,6 +45,7 @@ from headkv_jax import methods as methods_lib
 from headkv_jax import prompt_stats
 from headkv_jax.dense_cache import DenseKVCache
 from headkv_jax.jit import jit
+from headkv_jax.rope import RoPE
 from models import generation
 
 
@@ -184,7 +186,8 @@ class MethodDriver:
       window = record_window([self.spec])
       return recording_cache_maker(self.config, self.dtype, window)(batch, capacity)
     return self.plan.create(batch=batch, head_dim=self.config.head_dim, capacity=capacity,
-                            chunk_size=self.prefill_chunk, dtype=self.dtype)
+                            chunk_size=self.prefill_chunk, dtype=self.dtype,
+                            rope=self.config.make_rope())
 
   def compress_recorded(self, recorded: prompt_stats.RecordingCache):
     """The paged cache this method keeps of a recorded one-shot prefill, ready to decode
@@ -194,7 +197,8 @@ class MethodDriver:
                        f"mode {self.spec.position_mode!r}) has no compression of a recorded "
                        "prefill.")
     prompt_stats.check_one_shot(recorded)
-    return _compress_recorded(recorded, self.plan)
+    inv_freq = tuple(float(x) for x in np.asarray(self.config.make_rope().inv_freq))
+    return _compress_recorded(recorded, self.plan, inv_freq)
 
   # ---- eviction hooks ----------------------------------------------------------------------
 
@@ -265,8 +269,20 @@ def compress_chunk(cache):
 
 @jit  # no donation: the re-packed pools have other shapes
 def rechunk_for_decoding(cache):
-  """After the prompt: pools re-packed with room for one new token per head."""
-  return cache.rechunk(1)
+  """After the prompt: pools re-packed with room for a page of new tokens per head (so a
+  head evicts at most once per page of decoded tokens).
+
+  A KeyDiff score mode (the question-agnostic ranking of a chunked prefill) is for the
+  prompt's chunks, which come before the question; while decoding the question has been
+  read, and heads rank by the latest window's attention as SnapKV does ("latest"). This also
+  keeps decode-time eviction cheap: re-scoring novelty un-rotates and ranks every held key
+  (on the embedded model at 4,000 tokens, budget 1024: ~20 ms per evicted layer, against
+  ~3-8 ms).
+  """
+  cache = cache.rechunk(cache.page_size)
+  if cache.policy.uses_novelty:
+    cache = cache.replace(policy=dataclasses.replace(cache.policy, score_mode="latest"))
+  return cache
 
 
 @jit(donate_argnums=0)
@@ -276,13 +292,14 @@ def _oracle_compress(cache, scores):
 
 @jit
 def _oracle_rechunk(cache, scores):
-  return cache.rechunk(1, scores)
+  return cache.rechunk(cache.page_size, scores)
 
 
-@functools.partial(jax.jit, static_argnames=("plan",))
-def _compress_recorded(recorded, plan: methods_lib.CachePlan):
+@functools.partial(jax.jit, static_argnames=("plan", "inv_freq"))
+def _compress_recorded(recorded, plan: methods_lib.CachePlan, inv_freq: tuple):
+  rope = RoPE(inv_freq=np.asarray(inv_freq, np.float32))
   return prompt_stats.compress_prompt(recorded, np.asarray(plan.budgets), plan.spec.policy(),
-                                      **plan.paged_kwargs())
+                                      rope=rope, **plan.paged_kwargs())
 
 
 __all__ = ["MethodDriver", "method_hooks", "supports_shared_prefill", "resolve_spec",

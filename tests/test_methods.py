@@ -217,7 +217,8 @@ def test_every_policy_runs_with_a_bit_scheme(runner, name, kv_bits):
   if name != "full":  # the same budgets and pools at 16 bits hold more bytes
     same = PagedKVCache.create(CFG.num_layers, 2, CFG.num_kv_heads, CFG.head_dim,
                                np.asarray(cache.budgets), cache.policy, chunk_size=1,
-                               dtype=np.float32, page_size=cache.page_size)
+                               dtype=np.float32, page_size=cache.page_size,
+                               rope=CFG.make_rope())
     assert cache.nbytes < same.nbytes
 
 

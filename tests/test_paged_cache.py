@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from headkv_jax import eviction
 from headkv_jax import policies
 from headkv_jax import rope as rope_lib
 from headkv_jax.paged_cache import PagedKVCache
@@ -197,6 +198,40 @@ def test_eviction_invariants_and_reference_choice(policy):
           must = set(held[: policy.n_sink]) | set(held[len(held) - recent:])
           assert must <= set(kept.tolist())
           assert (pos[b, h, n[b, h]:] == -1).all()
+
+
+@pytest.mark.parametrize("policy", [
+    policies.make_policy("snapkv", window=3, pool_kernel=3),
+    policies.make_policy("adakv", window=2, pool_kernel=3),
+], ids=lambda p: p.name)
+def test_eviction_ranks_over_the_layers_own_view_size(policy):
+  """A layer is ranked over the smallest static view (256, 1024, ... slots) that holds its
+  longest head: a model with one large head (region > 256) evicts its small layer through
+  the 256-slot view and its large one through the full view, with the reference choice."""
+  from headkv_jax import eviction
+  layers, batch, t, hq, hkv, chunk = 2, 1, 330, 4, 2, 40
+  stack = random_stack(15, layers, batch, t, hq, hkv)
+  positions = jnp.arange(t, dtype=jnp.int32)[None]
+  budgets = np.array([[290, 9], [8, 8]])
+  cache = PagedKVCache.create(layers, batch, hkv, D, budgets, policy, chunk_size=chunk,
+                              dtype=jnp.float32, page_size=4)
+  assert eviction.view_sizes(cache.layout.max_region) == (256, cache.layout.max_region)
+  checks, posts = [], []
+
+  def record(pre):
+    checks.extend(reference_choices(pre, None))
+    posts.append(compress_jit(pre, None))
+
+  run_stack(cache, stack, positions, spans("chunked", t, chunk, 0), on_compress=record)
+  longest = [int(np.asarray(p.lengths[:, 0]).max()) for p in posts]
+  assert policy.adaptive or max(longest) > 256  # the large view ran (adakv: the layer's
+  # total moves between its heads, so no head outgrows the small view here)
+  for i, post in enumerate(posts):
+    for layer in range(layers):
+      pre_pos, keep = checks[i * layers + layer]
+      pos, n = np.asarray(view_jit(post, layer)[2]), np.asarray(post.lengths[:, layer])
+      for h in range(hkv):
+        np.testing.assert_array_equal(pos[0, h, :n[0, h]], pre_pos[0, h][keep[0, h]])
 
 
 @pytest.mark.parametrize("policy", [
@@ -464,7 +499,7 @@ def test_keydiff_window_ranks_by_the_better_of_novelty_and_window(position_mode)
   policy = policies.make_policy("snapkv", window=window, score_mode="keydiff_window",
                                 position_mode=position_mode)
   cache = PagedKVCache.create(1, batch, hkv, D, 16, policy, chunk_size=8, dtype=jnp.float32,
-                              page_size=4)
+                              page_size=4, rope=ROPE)
   for s, e in [(0, 8), (8, 12)]:
     _, cache = attend_layers(cache, [tuple(x[:, s:e] for x in stack[0])], positions[:, s:e],
                              ROPE)
@@ -490,7 +525,7 @@ def test_keydiff_scores_are_the_novelty_of_every_held_key(position_mode):
                                 position_mode=position_mode)
   assert policy.score_kind == "keys"
   cache = PagedKVCache.create(1, batch, hkv, D, np.array([[6, 8, 6]]), policy, chunk_size=8,
-                              dtype=jnp.float32, page_size=4)
+                              dtype=jnp.float32, page_size=4, rope=ROPE)
   k = np.asarray(stack[0][1], np.float64).transpose(0, 2, 1, 3)  # [B, Hkv, T, D] pre-RoPE
   for s, e in [(0, 8), (8, 12)]:
     _, cache = attend_layers(cache, [tuple(x[:, s:e] for x in stack[0])], positions[:, s:e],
@@ -501,6 +536,39 @@ def test_keydiff_scores_are_the_novelty_of_every_held_key(position_mode):
     if s == 0:
       cache = cache.compress()
       assert np.asarray(cache.lengths[:, 0]).tolist() == [[6, 8, 6], [5, 5, 5]]
+
+
+def test_keydiff_decode_evictions_rank_the_keys_held_then():
+  """KeyDiff novelty is computed when a head is ranked, not at every decode step: at every
+  step where the amortised eviction runs, the novelty it ranks by is that of the keys held
+  then (numpy reference), and evictions do happen; without the model's RoPE the cache
+  refuses the mode."""
+  batch, t, hq, hkv, prefill = 1, 40, 4, 2, 12
+  (q, k, v), = random_stack(14, 1, batch, t, hq, hkv)
+  positions = jnp.arange(t, dtype=jnp.int32)[None]
+  policy = policies.make_policy("snapkv", window=2, score_mode="keydiff")
+  with pytest.raises(ValueError, match="pass the model's RoPE"):
+    PagedKVCache.create(1, batch, hkv, D, 8, policy, chunk_size=prefill)
+  cache = PagedKVCache.create(1, batch, hkv, D, 8, policy, chunk_size=prefill,
+                              dtype=jnp.float32, page_size=4, rope=ROPE)
+  kp = np.asarray(k, np.float64).transpose(0, 2, 1, 3)  # [B, Hkv, T, D] pre-RoPE
+  _, cache = attend_layers(cache, [(q[:, :prefill], k[:, :prefill], v[:, :prefill])],
+                           positions[:, :prefill], ROPE)
+  cache = jax.jit(lambda c: c.rechunk(1))(cache)
+  step_compress = jax.jit(lambda c: c.compress(headroom=1))
+  needs = jax.jit(lambda c: eviction.needs_eviction(c, 0, 1))
+  evictions = 0
+  for s in range(prefill, t):
+    sl = slice(s, s + 1)
+    _, cache = attend_layers(cache, [(q[:, sl], k[:, sl], v[:, sl])], positions[:, sl], ROPE)
+    if bool(needs(cache)):
+      evictions += 1
+      pos = np.asarray(cache.view(0)[2])
+      held = np.take_along_axis(kp, np.maximum(pos, 0)[..., None], axis=2)
+      np.testing.assert_allclose(cache.view(0)[3], _novelty_reference(held, pos >= 0),
+                                 atol=1e-5, err_msg=f"step {s}")
+    cache = step_compress(cache)
+  assert evictions >= 3
 
 
 def test_pyramidkv_int_budget_falls_with_depth():

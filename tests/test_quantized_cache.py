@@ -102,7 +102,7 @@ def _held_raw(c):
   scales only (no arithmetic), so the bits compared below are the stored ones."""
   out = []
   for layer in range(c.num_layers):
-    _, _, pos, _, _ = c.slot_meta(layer)
+    _, _, pos, _ = c.slot_meta(layer)
     (_, k, v), = c.raw_view(layer)  # one bit class
     out.append((pos, ((k, v),)))
   return out

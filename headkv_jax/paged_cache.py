@@ -23,11 +23,13 @@ eviction compacts a head in place, so its pages never fragment.
 layout's tables (block offsets and sizes, indexed by the layer), not through shapes, so
 ``attend``, ``append`` and eviction take the layer as a Python int *or a traced int32*: one
 compiled program serves every layer (layer-by-layer prefill calls one program 30 times;
-``compress`` is one ``fori_loop`` over layers).
+``compress`` is one ``fori_loop`` over the layers that need eviction).
 
-Attention reads each head's own slots tile by tile, gathered from its pool
-(:func:`headkv_jax.attention.tile_loop`), over as many tiles as the layer's longest head of
-the class holds: no per-head view padded to the largest head is materialised.
+Attention reads each head's own slots tile by tile, each tile one contiguous run of its
+region (:func:`headkv_jax.attention.tile_loop`), over as many tiles as the layer's longest
+head of the class holds: no per-head K/V view padded to the largest head is materialised.
+Eviction ranks per-slot metadata over the smallest static view that holds the layer's
+longest head and moves K/V within the layer's block (:mod:`headkv_jax.eviction`).
 
 Per-head precision (HAQ-KV): ``bits [L][Hkv]`` gives each head's (key bits, value bits) in
 {16, 8, 4, 2}; heads of one pair share a pool (one kernel launch sees one bit width).

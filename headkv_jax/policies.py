@@ -254,10 +254,17 @@ def priorities(policy: Policy, scores, lengths, budgets):
 
 
 def _inverse_permutation(perm):
-  """``inv`` with ``inv[..., perm[..., i]] = i`` along the last axis (a scatter, not a sort)."""
-  lead = jnp.indices(perm.shape, sparse=True)[:-1]
-  iota = jnp.broadcast_to(jnp.arange(perm.shape[-1], dtype=jnp.int32), perm.shape)
-  return jnp.zeros(perm.shape, jnp.int32).at[lead + (perm,)].set(iota)
+  """``inv`` with ``inv[..., perm[..., i]] = i`` along the last axis (a scatter, not a sort).
+
+  Mapped over the leading axes (a scatter with batch dimensions) rather than indexed by their
+  iotas: on a mesh the partitioner then keeps each row's scatter on the devices holding the row
+  instead of gathering the whole batch's indices into every device."""
+  def one(p):  # [N]
+    return jnp.zeros(p.shape, jnp.int32).at[p].set(jnp.arange(p.shape[0], dtype=jnp.int32))
+
+  for _ in range(perm.ndim - 1):
+    one = jax.vmap(one)
+  return one(perm)
 
 
 def _ranks(prio):

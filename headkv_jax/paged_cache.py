@@ -547,6 +547,13 @@ class PagedKVCache:
     Returns:
       ``(out [B, T, Hq, D], new cache)``.
     """
+    if not eviction._traced(self, layer, q, k, v, positions, rope):
+      # Eager callers get one compiled program per shape (the layer traced, so one for every
+      # layer), not an op-by-op dispatch that also re-traces each loop body on every call.
+      return _attend_jit(self, jnp.asarray(layer, jnp.int32), q, k, v, positions, rope)
+    return self._attend(layer, q, k, v, positions, rope)
+
+  def _attend(self, layer, q, k, v, positions, rope):
     b, t, hq, d = q.shape
     hkv = self.num_kv_heads
     if k.shape != (b, t, hkv, d) or v.shape != k.shape:
@@ -816,6 +823,9 @@ class PagedKVCache:
     needs its ``oracle_scores``, as in :meth:`compress`); codes move with their scales.
     """
     return eviction.rechunk(self, chunk_size, oracle_scores)
+
+
+_attend_jit = jax.jit(lambda cache, *args: cache._attend(*args))  # pylint: disable=protected-access
 
 
 __all__ = ["FpWindow", "Pool", "PagedKVCache", "SUPPORTED_BITS", "QUANT_GROUP", "RESIDUAL",

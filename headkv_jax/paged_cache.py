@@ -392,27 +392,18 @@ class PagedKVCache:
     """Slots ``idx [B, Hkv, N]`` of pool ``c`` -> ``(k, v, positions)``: keys and values
     ``[B, Hkv, N, D]`` in the cache dtype (dequantized; tokens the window ``fp`` holds read
     exact), positions (``-1`` where not ``valid``); ``v`` None unless ``values``."""
-    pool = self.pools[c]
-    kb, vb = self.layout.pairs[c]
-    safe = jnp.clip(idx, 0, pool.positions.shape[1] - 1)
-    take = lambda x: slot_pool.gather(x, safe)
-    pos = jnp.where(valid, take(pool.positions), -1)
-    k = slot_store.decode(slot_store.tree(take, pool.k), kb, self.quant_group, self.dtype)
-    v = None
-    if values:
-      v = slot_store.decode(slot_store.tree(take, pool.v), vb, self.quant_group, self.dtype)
-    if fp is not None:
-      k, v_fp, _ = fp_window.read(fp, pos, k, k if v is None else v, self.fp_sinks,
-                                  self.residual)
-      v = v_fp if values else None
-    return k, v, pos
+    safe = jnp.clip(idx, 0, self.pools[c].positions.shape[1] - 1)
+    return self._read_slots(c, lambda x: slot_pool.gather(x, safe), valid, fp, values)
 
   def read_run(self, c: int, start, size: int, valid, fp=None, values: bool = True):
     """:meth:`read` of the ``size`` consecutive slots of pool ``c`` from ``start [B, Hkv]``
     (``<= S_c - size``): one contiguous block per head."""
+    return self._read_slots(c, lambda x: slot_pool.runs(x, start, size), valid, fp, values)
+
+  def _read_slots(self, c: int, take, valid, fp, values: bool):
+    """:meth:`read` of the slots ``take(pool array)`` selects (``[B, Hkv, N, ...]``)."""
     pool = self.pools[c]
     kb, vb = self.layout.pairs[c]
-    take = lambda x: slot_pool.runs(x, start, size)
     pos = jnp.where(valid, take(pool.positions), -1)
     k = slot_store.decode(slot_store.tree(take, pool.k), kb, self.quant_group, self.dtype)
     v = None

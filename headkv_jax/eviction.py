@@ -157,7 +157,6 @@ def evict_layer(cache, layer, oracle=None):
   return move_layer(cache, layer, *chosen)
 
 
-
 def choose(cache, layer, oracle, size: int):
   """The policy's choice for ``layer`` over per-head views of ``size`` slots -> ``(src
   [B, Hkv, max_region]`` pool slot of each survivor in position order (-1 past them),

@@ -632,7 +632,8 @@ class PagedKVCache:
 
   def _tiles(self, layer, c: int):
     """Tile geometry of class ``c``'s heads in ``layer`` -> ``(n_c [B, Hkv], num_tiles,
-    slots, tile)`` (``tile`` = slots per tile, at most :meth:`_tile_size` and the pool's): ``slots(j) -> (s, start, valid)``, tile ``j`` of every head as the run of
+    slots, tile)`` (``tile`` = slots per tile, at most :meth:`_tile_size` and the pool's):
+    ``slots(j) -> (s, start, valid)``, tile ``j`` of every head as the run of
     ``tile`` pool slots from ``start [B, Hkv]``, ``s [B, Hkv, tile]`` their slot in the
     head's region, ``valid`` the held slots first read by this tile. A run that would pass
     the pool's end is shifted back (its slots before ``j * tile`` are not valid); a head

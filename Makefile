@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.installed
 # Arguments passed through to the main job and to pytest, e.g. `make run ARGS=--budget=256`.
 ARGS   ?=
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): the suite is mostly single-threaded XLA compiles, so one
+# process per core; each test file runs whole in one process (its module fixtures once).
+TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(min(len(os.sched_getaffinity(0)), 4))')
 
 .PHONY: install run test test-fast bench clean
 
@@ -27,11 +30,11 @@ run: install
 
 # The whole test suite, as CI runs it.
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Tiny random configs only (no embedded model).
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m experiments.bench_model $(ARGS)

@@ -60,8 +60,8 @@ _KV_BITS = flags.DEFINE_string(
     'kv_bits', grid.Settings.kv_bits,
     'HAQ-KV storage bits of every cell (phase 5 sweeps --schemes instead): 16 (no '
     'quantization), 8, 4 or 2 (keys = values), K/V such as 4/2 (keys >= values), kivi2 (2/2 '
-    'with a 128-token full-precision residual), roles (retrieval 8/8, induction 4/4, local '
-    '2/2 from the head profile), roles:8/8,4/2,2/2 (an explicit role table), avg:3.5 (a '
+    'with a 128-token full-precision residual), roles (retrieval 8/4, induction 4/2, local '
+    '2/2 from the head profile), roles:8/8,4/4,2/2 (an explicit role table), avg:3.5 (a '
     'target average of (key + value) / 2 bits spent on the heads of highest '
     'retrieval-reasoning score). See headkv_jax.bits.')
 _SCHEMES = flags.DEFINE_list(

@@ -25,13 +25,13 @@ import shutil
 from typing import Callable, Iterable, Sequence
 
 from absl import app
-import jax
 import numpy as np
 
 from experiments import evaluate
 from experiments import results
 from experiments import tasks as tasks_lib
 from headkv_jax import bits as bits_lib
+from headkv_jax import memory_maps
 from headkv_jax import methods
 from headkv_jax import profile as profile_lib
 from models import shared_prefill
@@ -447,7 +447,7 @@ def _run_shared(keys: Sequence[tuple], by_key: dict, runner, tokenizer, settings
           logging.warning('%s skipped: %s', cell.key(i), e)
           metrics = {'status': 'skipped', 'reason': str(e)}
         write({**base(cell, i), **metrics})
-      jax.clear_caches()  # this cell's executables are done (see run_grid)
+      memory_maps.release_near_limit()  # see run_grid
 
   held, held_bytes = [], 0
   for i in sorted({k[4] for k in keys}):
@@ -513,19 +513,15 @@ def run_grid(phase: str, cells: Sequence[Cell], settings: Settings, *, runner=No
     if any(k not in done for k in keys) and runner is None:
       runner, tokenizer = load_model(settings)
     reasons = {}
-    previous = None
     pending = [k for k in keys if k not in done]
     units = (_shared_units(pending, by_key, settings) if settings.shared_prefill
              and evaluate_fn is None else [([k], False) for k in pending])
     for (unit, is_shared), advance in results.iter_units(
         units, len(keys), desc=phase, disable=progress is False, size=lambda u: len(u[0])):
       cell = by_key[unit[0][:4]]
-      compiled = cell.key(0)[1:3] if is_shared else cell  # what shares executables
-      if previous is not None and compiled != previous:
-        # Each cell compiles its own cache shapes; dropping the last cell's executables keeps
-        # a long grid under the process's memory-map limit (LLVM fails to map code otherwise).
-        jax.clear_caches()
-      previous = compiled
+      # Cells of one method and prompt bucket reuse each other's executables; a long grid
+      # drops them only near the process's memory-map limit (LLVM fails to map code past it).
+      memory_maps.release_near_limit()
       runnable = []
       for key in unit:
         c = by_key[key[:4]]

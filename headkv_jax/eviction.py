@@ -244,7 +244,8 @@ def _rechunk(cache, chunk_size: int, oracle_scores=None):
     srcmap = jax.vmap(lambda m, t, s: m.at[t].set(s, mode="drop"))(srcmap, dst, src)
     moved = _move_pool(old, srcmap)  # old pool's slots gathered into the new pool's
     pools.append(moved.replace(fp=old.fp))
-  return new.replace(pools=tuple(pools), offsets=offsets, lengths=n, dropped=cache.dropped)
+  return new.replace(pools=tuple(pools), offsets=offsets, lengths=n, dropped=cache.dropped,
+                     key_channels=cache.key_channels)
 
 
 _rechunk_jit = jax.jit(_rechunk, static_argnums=1)

@@ -18,7 +18,8 @@ One decode step (:func:`cached_partial`), per bit class (one kernel launch sees 
   ``b * S_c / page_size + ...``); the page table of a (row, head) is its region's pages
   (:meth:`PagedKVCache.page_table`); every head of the layer takes part, with length 0 outside
   the class (the kernel skips it); quantized keys are per token per ``quant_group`` channels
-  (``key_axis="token"``), 16-bit stores are passed as floats;
+  (``key_axis="token"``) of keys divided by the head's channel scales, which the query takes
+  instead (``q . (k * s) = (q * s) . k``); 16-bit stores are passed as floats;
 * full-precision window (quantized classes): the window's copy of a token must be used, not
   its codes. A head's tokens are in position order, its sinks (positions ``< fp_sinks``) are
   among its first ``fp_sinks`` slots and the window's recent tokens among its last
@@ -136,15 +137,23 @@ def cached_partial(cache, layer, q_rows, positions, *,
       cand = jnp.where(j < sinks, j, ends[:, :, None] + (j - sinks))  # [B, Hkv, F]
       ok = jnp.where(j < sinks, j < n_head[:, :, None], (j - sinks) < n_tail[:, :, None])
       idx = cache.offsets[:, layer][..., None] + jnp.where(ok, cand, 0)
-      k_w, v_w, _ = cache.read(c, idx, ok, fp)
+      k_w, v_w, _ = cache.read(c, idx, ok, fp, kscale=cache._key_channels(layer, c))
       parts.append(attention.tile_loop(
           q_rows, lambda _, k_w=k_w, v_w=v_w, ok=ok: (k_w, v_w, ok[:, :, None, :]), 1,
           attention.empty_partial(b, hkv, g, d)))
+    q_c, shift = q, None
+    channels = cache._key_channels(layer, c)  # [B, Hkv, 1, 2, D]
+    if channels is not None:  # q . (k s + t) = (q s) . k + q . t, the last the same per key
+      ch = channels.astype(jnp.float32)
+      q_c = (q.reshape(b, hkv, g, d) * ch[..., 1, :]).reshape(b, hkv * g, d).astype(q.dtype)
+      shift = jnp.sum(q_rows * ch[..., 0, :], axis=-1)  # [B, Hkv, G] scaled logit offset
     out_k, lse_k = qda.quantized_decode_attention(
-        q, kp, ks, kz, vp, vs, vz, ends, table_c, k_bits=kb, v_bits=vb,
+        q_c, kp, ks, kz, vp, vs, vz, ends, table_c, k_bits=kb, v_bits=vb,
         value_group=cache.quant_group, key_axis="token", block_sizes=block_sizes,
         interpret=interpret, starts=starts)
     lse_k = lse_k.reshape(b, hkv, g)
+    if shift is not None:
+      lse_k = lse_k + shift
     seen = jnp.isfinite(lse_k)  # (out, lse) as a partial: o = out, m = lse, l = 1
     parts.append((out_k.reshape(b, hkv, g, d), jnp.where(seen, lse_k, attention.NEG_INF),
                   seen.astype(jnp.float32)))

@@ -8,6 +8,8 @@ Layout (:mod:`headkv_jax.cache_layout`; ``c`` = a bit class, ``S_c`` its slots):
     pools[c].scores    [B, S_c]       float32 the policy's per-slot statistic
     pools[c].fp        FpWindow       sinks + recent residual of quantized heads, cache dtype
     offsets            [B, L, Hkv]    int32 first slot of each head's region in its pool
+    key_channels       [B, L, Hkv, 2, D] float16 per-channel key (shift, scale) of each
+                                      quantized head (None when no head quantizes keys)
     lengths            [B, L, Hkv]    int32 tokens each head holds
     dropped            [B, L, Hkv]    int32 tokens lost to a full region (0 when driven as
                                       documented)
@@ -34,7 +36,12 @@ longest head and moves K/V within the layer's block (:mod:`headkv_jax.eviction`)
 Per-head precision (HAQ-KV): ``bits [L][Hkv]`` gives each head's (key bits, value bits) in
 {16, 8, 4, 2}; heads of one pair share a pool (one kernel launch sees one bit width).
 Quantized slots hold packed codes and one float16 scale + zero per token and group of
-``quant_group`` channels (:mod:`headkv_jax.slot_store`); a quantized head also keeps its
+``quant_group`` channels (:mod:`headkv_jax.slot_store`). Keys are normalised on KIVI's
+channel axis first: a head quantizes ``(k - shift) / scale`` per token, with one shift and
+scale per channel (``key_channels``: the mean and standard deviation of that channel over the
+head's first written tokens, fixed from then on), so an outlier channel (keys have a few, large
+in every token) no longer spends a token's levels and erases the rest of its group. A
+quantized head also keeps its
 first ``fp_sinks`` and its ``residual`` most recent tokens in the cache dtype (KIVI's
 residual), read from the window wherever it holds a slot's position. A token is quantized
 once, when written; eviction and re-packing move codes with their scales, so **a kept token's
@@ -87,6 +94,7 @@ SUPPORTED_BITS = quantization.SUPPORTED_BITS
 QUANT_GROUP = 32  # channels sharing one scale + zero (KIVI's group size)
 RESIDUAL = 32  # most recent tokens a quantized head keeps in the cache dtype
 FP_SINKS = 4  # first tokens a quantized head keeps in the cache dtype
+KEY_SCALE_FLOOR = 2.0**-14  # float16's smallest normal: a channel's scale when it is all zero
 TILE = 256  # slots per attention tile
 
 
@@ -116,6 +124,33 @@ def _at(table, layer):
   return jnp.asarray(table)[layer]
 
 
+def _first_key_channels(old, k, stored):
+  """``old [B, Hkv, 2, D]`` float16 key channel (shift, scale) of one layer, with each head
+  that has none yet (scale all 0) and stores tokens now given the mean and the standard
+  deviation (floored at a tenth of the head's mean deviation) of its stored keys ``k [B, Hkv,
+  T, D]`` per channel (``stored [B, Hkv, T]``); set once, so a kept key's dequantized value
+  never changes."""
+  x = k.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(stored, axis=-1, dtype=jnp.int32), 1)[..., None]  # [B, Hkv, 1]
+  mean = jnp.sum(jnp.where(stored[..., None], x, 0.0), axis=2) / count  # [B, Hkv, D]
+  var = jnp.sum(jnp.where(stored[..., None], jnp.square(x - mean[:, :, None]), 0.0),
+                axis=2) / count
+  std = jnp.sqrt(var)
+  floor = jnp.maximum(0.1 * jnp.mean(std, axis=-1, keepdims=True), KEY_SCALE_FLOOR)
+  new = jnp.stack([mean, jnp.maximum(std, floor)], axis=2).astype(old.dtype)  # [B, Hkv, 2, D]
+  unset = jnp.all(old[:, :, 1] == 0, axis=-1) & jnp.any(stored, axis=-1)  # [B, Hkv]
+  return jnp.where(unset[..., None, None], new, old)
+
+
+def _record_tile(buf, s, values, valid, pad: int):
+  """``buf [B, Hkv, R, pad + N]`` with a tile's per-slot ``values [B, Hkv, R, tile]`` written
+  at index ``pad + slot`` where ``valid [B, Hkv, tile]``; ``s [B, Hkv, tile]`` are the tile's
+  slots in their regions, consecutive from ``s[..., 0]`` (clipped: a tile past a head's
+  region writes nothing valid)."""
+  at = jnp.clip(s[..., 0] + pad, 0, buf.shape[-1] - values.shape[-1])
+  return slot_pool.update_runs(buf, at, values, valid[:, :, None, :])
+
+
 @flax.struct.dataclass
 class PagedKVCache:
   """Head-aware compressed KV cache for all layers (a pytree; static config in the treedef).
@@ -131,6 +166,9 @@ class PagedKVCache:
     dtype: the cache dtype (16-bit stores, full-precision windows, dequantized tiles).
     quant_group: channels per scale + zero of a quantized token.
     residual, fp_sinks: recent and first tokens a quantized head keeps in ``dtype``.
+    key_channels: ``[B, L, Hkv, 2, D]`` float16 per-channel (shift, scale) a quantized-key
+      head normalises its keys by before quantizing them (0 until the head's first token is
+      written); None when every head stores 16-bit keys.
     attention_impl: "auto" | "pallas" | "xla", how decode steps attend
       (:mod:`headkv_jax.kernel_decode`): "pallas" = the fused Pallas kernel for ``T == 1`` in
       ``position_mode="original"`` (interpret mode off a GPU), XLA otherwise; "auto" =
@@ -152,6 +190,7 @@ class PagedKVCache:
   fp_sinks: int = flax.struct.field(pytree_node=False, default=FP_SINKS)
   attention_impl: str = flax.struct.field(pytree_node=False, default="auto")
   rope_inv_freq: tuple | None = flax.struct.field(pytree_node=False, default=None)
+  key_channels: jnp.ndarray | None = None
 
   # Model code may pass a traced layer index to attend (one program for every layer).
   traced_layers = True
@@ -257,7 +296,9 @@ class PagedKVCache:
         page_size=int(page_size), dtype=dtype.name, quant_group=int(quant_group),
         residual=int(residual), fp_sinks=int(fp_sinks), attention_impl=attention_impl,
         rope_inv_freq=None if rope is None else tuple(
-            float(x) for x in np.asarray(rope.inv_freq)))
+            float(x) for x in np.asarray(rope.inv_freq)),
+        key_channels=(jnp.zeros(per_head + (2, head_dim), quantization.SCALE_DTYPE)
+                      if (bits[..., 0] < 16).any() else None))  # [B, L, Hkv, 2, D]
 
   # ---- inspection --------------------------------------------------------------------------
 
@@ -304,6 +345,8 @@ class PagedKVCache:
     for (l, h), budget in np.ndenumerate(np.asarray(self.budgets)):
       kb, vb = self.bits[l][h]
       per = [quantization.effective_bits(b, self.quant_group, self.dtype) for b in (kb, vb)]
+      if kb < 16:  # a float16 shift and scale per channel of the head
+        per[0] += 32 / budget
       if min(kb, vb) < 16:  # the window's tokens are held quantized and in full precision
         fp = min(window, budget)
         per = [(budget * p + fp * full * (b < 16)) / budget for p, b in zip(per, (kb, vb))]
@@ -329,34 +372,30 @@ class PagedKVCache:
     """``[Hkv]`` bool: the heads of ``layer`` in class ``c``."""
     return _at(self.layout.class_of, layer) == c
 
-  def region_end(self, layer) -> jnp.ndarray:
-    """``[B, Hkv]`` one past the last slot of each head's region in its pool."""
+  def region_ends(self) -> jnp.ndarray:
+    """``[B, L, Hkv]`` one past the last slot of each head's region in its pool."""
     lay = self.layout
-    off = self.offsets[:, layer]
     if not lay.adaptive:
-      return off + _at(lay.region, layer)[None, :]
+      return self.offsets + jnp.asarray(lay.region, jnp.int32)[None]
     # adakv: one class per layer; a head's region runs to the next head's, the last to the
     # end of the layer's block.
-    c = _at(lay.class_of, layer)[0]
-    block_end = (jnp.asarray(lay.base)[c, layer] + jnp.asarray(lay.count)[c, layer])
-    return jnp.concatenate([off[:, 1:], jnp.broadcast_to(block_end, off[:, :1].shape)], axis=1)
+    c = lay.class_of[:, 0]
+    layers = np.arange(self.num_layers)
+    block_end = jnp.asarray(lay.base[c, layers] + lay.count[c, layers], jnp.int32)  # [L]
+    return jnp.concatenate([self.offsets[:, :, 1:], jnp.broadcast_to(
+        block_end[None, :, None], self.offsets[:, :, :1].shape)], axis=2)
 
-  def room(self, layer) -> jnp.ndarray:
-    """``[B, Hkv]`` slots each head may fill."""
-    return jnp.minimum(self.region_end(layer) - self.offsets[:, layer], self.layout.max_region)
+  def region_end(self, layer) -> jnp.ndarray:
+    """``[B, Hkv]`` :meth:`region_ends` of ``layer``."""
+    return self.region_ends()[:, layer]
 
   def rooms(self) -> jnp.ndarray:
-    """``[B, L, Hkv]`` :meth:`room` of every layer."""
-    lay = self.layout
-    if not lay.adaptive:
-      return jnp.broadcast_to(jnp.minimum(jnp.asarray(lay.region, jnp.int32), lay.max_region),
-                              self.offsets.shape)
-    c0 = lay.class_of[:, 0]  # adakv: one class per layer
-    layers = np.arange(self.num_layers)
-    block_end = jnp.asarray(lay.base[c0, layers] + lay.count[c0, layers], jnp.int32)  # [L]
-    ends = jnp.concatenate([self.offsets[:, :, 1:], jnp.broadcast_to(
-        block_end[None, :, None], self.offsets[:, :, :1].shape)], axis=2)
-    return jnp.minimum(ends - self.offsets, lay.max_region)
+    """``[B, L, Hkv]`` slots each head may fill."""
+    return jnp.minimum(self.region_ends() - self.offsets, self.layout.max_region)
+
+  def room(self, layer) -> jnp.ndarray:
+    """``[B, Hkv]`` :meth:`rooms` of ``layer``."""
+    return self.rooms()[:, layer]
 
   def page_table(self, layer) -> jnp.ndarray:
     """``[B, Hkv, max_pages]`` int32 page ids of each head's region in its class's pool (a
@@ -388,24 +427,35 @@ class PagedKVCache:
     rows = jnp.maximum(_at(self.layout.fp_row, layer), 0)  # [Hkv]
     return FpWindow(k=fp.k[:, rows], v=fp.v[:, rows], pos=fp.pos[:, rows])
 
-  def read(self, c: int, idx, valid, fp=None, values: bool = True):
-    """Slots ``idx [B, Hkv, N]`` of pool ``c`` -> ``(k, v, positions)``: keys and values
-    ``[B, Hkv, N, D]`` in the cache dtype (dequantized; tokens the window ``fp`` holds read
-    exact), positions (``-1`` where not ``valid``); ``v`` None unless ``values``."""
-    safe = jnp.clip(idx, 0, self.pools[c].positions.shape[1] - 1)
-    return self._read_slots(c, lambda x: slot_pool.gather(x, safe), valid, fp, values)
+  def _key_channels(self, layer, c: int):
+    """``[B, Hkv, 1, 2, D]`` :attr:`key_channels` of ``layer``'s heads when class ``c``
+    quantizes its keys, else None (rows of heads outside the class are never read)."""
+    if self.key_channels is None or self.layout.pairs[c][0] == 16:
+      return None
+    return self.key_channels[:, layer][:, :, None]
 
-  def read_run(self, c: int, start, size: int, valid, fp=None, values: bool = True):
+  def read(self, c: int, idx, valid, fp=None, values: bool = True, kscale=None):
+    """Slots ``idx [B, Hkv, N]`` of pool ``c`` -> ``(k, v, positions)``: keys and values
+    ``[B, Hkv, N, D]`` in the cache dtype (dequantized, keys through ``kscale`` =
+    :meth:`_key_channels`; tokens the window ``fp`` holds read exact), positions (``-1`` where
+    not ``valid``); ``v`` None unless ``values``."""
+    safe = jnp.clip(idx, 0, self.pools[c].positions.shape[1] - 1)
+    return self._read_slots(c, lambda x: slot_pool.gather(x, safe), valid, fp, values, kscale)
+
+  def read_run(self, c: int, start, size: int, valid, fp=None, values: bool = True,
+               kscale=None):
     """:meth:`read` of the ``size`` consecutive slots of pool ``c`` from ``start [B, Hkv]``
     (``<= S_c - size``): one contiguous block per head."""
-    return self._read_slots(c, lambda x: slot_pool.runs(x, start, size), valid, fp, values)
+    return self._read_slots(c, lambda x: slot_pool.runs(x, start, size), valid, fp, values,
+                            kscale)
 
-  def _read_slots(self, c: int, take, valid, fp, values: bool):
+  def _read_slots(self, c: int, take, valid, fp, values: bool, kscale):
     """:meth:`read` of the slots ``take(pool array)`` selects (``[B, Hkv, N, ...]``)."""
     pool = self.pools[c]
     kb, vb = self.layout.pairs[c]
     pos = jnp.where(valid, take(pool.positions), -1)
-    k = slot_store.decode(slot_store.tree(take, pool.k), kb, self.quant_group, self.dtype)
+    k = slot_store.decode(slot_store.tree(take, pool.k), kb, self.quant_group, self.dtype,
+                          kscale)
     v = None
     if values:
       v = slot_store.decode(slot_store.tree(take, pool.v), vb, self.quant_group, self.dtype)
@@ -433,7 +483,8 @@ class PagedKVCache:
     for c in range(len(self.pools)):
       n_c = self._class_lengths(layer, c)
       valid = jnp.arange(size)[None, None, :] < n_c[..., None]
-      kc, vc, pc = self.read(c, idx, valid, self._fp_rows(layer, c))
+      kc, vc, pc = self.read(c, idx, valid, self._fp_rows(layer, c),
+                             kscale=self._key_channels(layer, c))
       m = self.members(layer, c)[None, :, None]
       k = kc if k is None else jnp.where(m[..., None], kc, k)
       v = vc if v is None else jnp.where(m[..., None], vc, v)
@@ -498,15 +549,14 @@ class PagedKVCache:
     units = jnp.zeros((b, hkv, d, pad + padded), jnp.float32)
     for c in range(len(self.pools)):
       _, num_tiles, slots, tile = self._tiles(layer, c)
-      fp = self._fp_rows(layer, c)
+      fp, ks = self._fp_rows(layer, c), self._key_channels(layer, c)
 
-      def unit(j, units, c=c, slots=slots, fp=fp, tile=tile):
+      def unit(j, units, c=c, slots=slots, fp=fp, ks=ks, tile=tile):
         s, start, valid = slots(j)
-        kb, _, kp = self.read_run(c, start, tile, valid, fp, values=False)
+        kb, _, kp = self.read_run(c, start, tile, valid, fp, values=False, kscale=ks)
         kb = kb if rope is None else slot_pool.rotate(rope, kb, -kp)
         u = policies_lib.unit_keys(kb).transpose(0, 1, 3, 2)  # [B, Hkv, D, tile]
-        at = jnp.clip(s[..., 0] + pad, 0, units.shape[-1] - tile)
-        return slot_pool.update_runs(units, at, u, valid[:, :, None, :])
+        return _record_tile(units, s, u, valid, pad)
 
       units = jax.lax.fori_loop(0, num_tiles, unit, units)
     units = units[..., pad:pad + view].transpose(0, 1, 3, 2)  # [B, Hkv, view, D]
@@ -661,12 +711,12 @@ class PagedKVCache:
     slot in its region; a decode step's statistics then need no second pass)."""
     _, num_tiles, slots, tile = self._tiles(layer, c)
     pad = self._tile_size()
-    fp = self._fp_rows(layer, c)
+    fp, ks = self._fp_rows(layer, c), self._key_channels(layer, c)
     q_pos = q_pos_rows[:, None, :, None]  # [B, 1, R, 1]
 
     def fetch(j):
       s, start, valid = slots(j)
-      kb, vb, kp = self.read_run(c, start, tile, valid, fp)
+      kb, vb, kp = self.read_run(c, start, tile, valid, fp, kscale=ks)
       if self.policy.position_mode == "cache_relative":
         kb = slot_pool.rotate(rope, kb, s)
       mask = valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
@@ -677,8 +727,7 @@ class PagedKVCache:
 
     def keep(j, tile_logits, buf):  # slot s at index pad + s of buf (see attend)
       s, _, valid = slots(j)
-      at = jnp.clip(s[..., 0] + pad, 0, buf.shape[-1] - tile)
-      return slot_pool.update_runs(buf, at, tile_logits, valid[:, :, None, :])
+      return _record_tile(buf, s, tile_logits, valid, pad)
 
     return attention.tile_loop(q_rows, fetch, num_tiles, init, record=(keep, logits))
 
@@ -710,7 +759,7 @@ class PagedKVCache:
     each held slot's score in its pool."""
     _, num_tiles, slots, tile = self._tiles(layer, c)
     q_pos = q_pos_rows[:, None, :, None]
-    fp = self._fp_rows(layer, c)
+    fp, ks = self._fp_rows(layer, c), self._key_channels(layer, c)
     pool = self.pools[c]
     num_slots = pool.positions.shape[1]
     accumulates = self.policy.accumulates
@@ -718,7 +767,7 @@ class PagedKVCache:
     def body(j, scores):
       s, start, valid = slots(j)
       idx = start[..., None] + jnp.arange(tile, dtype=jnp.int32)  # [B, Hkv, tile]
-      kb, _, kp = self.read_run(c, start, tile, valid, fp, values=False)
+      kb, _, kp = self.read_run(c, start, tile, valid, fp, values=False, kscale=ks)
       if self.policy.position_mode == "cache_relative":
         kb = slot_pool.rotate(rope, kb, s)
       mask = valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
@@ -745,6 +794,11 @@ class PagedKVCache:
     stored = tok_valid[:, None, :] & (new_slot < self.room(layer)[:, :, None])  # [B, Hkv, T]
     target = self.offsets[:, layer][:, :, None] + new_slot  # [B, Hkv, T]
     new_pos = jnp.broadcast_to(positions[:, None, :], target.shape)
+    key_channels, ks = self.key_channels, None
+    if key_channels is not None:  # a head's first written tokens fix its channel scales
+      ks = _first_key_channels(key_channels[:, layer], k_store, stored)  # [B, Hkv, 2, D]
+      key_channels = key_channels.at[:, layer].set(ks)
+      ks = ks[:, :, None]
     pools = []
     for c, pool in enumerate(self.pools):
       kb, vb = lay.pairs[c]
@@ -752,14 +806,15 @@ class PagedKVCache:
       num_slots = pool.positions.shape[1]
       tgt = jnp.where(stored & member[None, :, None], target, num_slots)  # [B, Hkv, T]
       put = lambda p, x, tgt=tgt: slot_pool.scatter(p, tgt, x)
-      enc = lambda x, bits: slot_store.encode(x, bits, self.quant_group, self.dtype)
+      enc = lambda x, bits, scale=None: slot_store.encode(x, bits, self.quant_group,
+                                                          self.dtype, scale)
       fp = pool.fp
       if fp is not None:
         rows = jnp.where(member, _at(lay.fp_row, layer), fp.pos.shape[1])  # [Hkv]
         fp = fp_window.write(fp, rows, positions, k_store, v_new, self.fp_sinks,
                                   self.residual)
       pools.append(pool.replace(
-          k=slot_store.tree(put, pool.k, enc(k_store, kb)),
+          k=slot_store.tree(put, pool.k, enc(k_store, kb, ks)),
           v=slot_store.tree(put, pool.v, enc(v_new, vb)),
           positions=put(pool.positions, new_pos),
           scores=put(pool.scores, new_scores),
@@ -769,7 +824,8 @@ class PagedKVCache:
     return self.replace(
         pools=tuple(pools),
         lengths=self.lengths.at[:, layer].set(n_new),
-        dropped=self.dropped.at[:, layer].add(lost))
+        dropped=self.dropped.at[:, layer].add(lost),
+        key_channels=key_channels)
 
   def _observed_queries(self, tok_valid, rank):
     """``[B, T]`` bool: the queries whose attention the policy's statistic sums (H2O: every
@@ -821,4 +877,4 @@ _attend_jit = jax.jit(lambda cache, *args: cache._attend(*args))  # pylint: disa
 
 
 __all__ = ["FpWindow", "Pool", "PagedKVCache", "SUPPORTED_BITS", "QUANT_GROUP", "RESIDUAL",
-           "FP_SINKS", "TILE"]
+           "FP_SINKS", "KEY_SCALE_FLOOR", "TILE"]

@@ -39,19 +39,30 @@ def empty(bits: int, lead: tuple[int, ...], head_dim: int, dtype, group: int):
                     zero=jnp.zeros(lead + (head_dim // group,), quantization.SCALE_DTYPE))
 
 
-def encode(x, bits: int, group: int, dtype):
-  """``x [..., D]`` -> the store of those tokens (quantized once, per token and group)."""
+def encode(x, bits: int, group: int, dtype, channel=None):
+  """``x [..., D]`` -> the store of those tokens (quantized once, per token and group).
+
+  ``channel [..., 2, D]`` (broadcastable; quantized stores only): a per-channel shift and
+  scale; the tokens are quantized as ``(x - shift) / scale`` and :func:`decode` undoes it
+  (keys: see ``PagedKVCache.key_channels``)."""
   if bits == 16:
     return x.astype(dtype)
+  if channel is not None:
+    ch = channel.astype(jnp.float32)
+    x = (x.astype(jnp.float32) - ch[..., 0, :]) / ch[..., 1, :]
   return QuantStore(*quantization.quantize_values(x, bits, group))
 
 
-def decode(store, bits: int, group: int, dtype):
-  """A store (or a gathered view of one) ``[..., *]`` -> values ``[..., D]`` in ``dtype``."""
+def decode(store, bits: int, group: int, dtype, channel=None):
+  """A store (or a gathered view of one) ``[..., *]`` -> values ``[..., D]`` in ``dtype``
+  (``x * scale + shift`` where :func:`encode` took a ``channel``; one rounding to ``dtype``)."""
   if bits == 16:
     return store
-  return quantization.dequantize_values(store.codes, store.scale, store.zero, bits,
-                                        group).astype(dtype)
+  x = quantization.dequantize_values(store.codes, store.scale, store.zero, bits, group)
+  if channel is not None:
+    ch = channel.astype(jnp.float32)
+    x = x * ch[..., 1, :] + ch[..., 0, :]
+  return x.astype(dtype)
 
 
 def tree(fn, *stores):

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from headkv_jax import memory_maps
 from headkv_jax.dense_cache import DenseKVCache
 from models import sampling as sampling_lib
 from models.runner import ModelRunner
@@ -182,6 +183,7 @@ def prefill(
   if chunk_size is not None and chunk_size <= 0:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
   check_prompts(prompts, cfg, max_new_tokens, allow_long_context)
+  memory_maps.release_near_limit()  # a long loop of calls compiles many programs
   b = len(prompts)
   lengths = np.array([len(p) for p in prompts], np.int32)
   padded = bucket(int(lengths.max()))

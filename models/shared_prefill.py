@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from headkv_jax import memory_maps
 from headkv_jax import methods as methods_lib
 from headkv_jax import prompt_stats
 from models import generation
@@ -102,6 +103,7 @@ def generate_from(runner: ModelRunner, shared: SharedPrefill, spec: methods_lib.
   """
   cfg = runner.config
   check_supported([spec])
+  memory_maps.release_near_limit()  # each method compiles its own programs
   eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
   run = functools.partial(
       generation.decode, runner, last_logits=shared.logits, lengths=shared.lengths,

@@ -13,30 +13,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("XLA_FLAGS", FAST_COMPILE_XLA_FLAGS)
 
-import gc
-
-import jax
 import pytest
 
-
-def _memory_maps() -> tuple[int, int] | None:
-  """(mappings this process holds, the kernel's per-process limit), or None off Linux."""
-  try:
-    with open("/proc/self/maps") as maps, open("/proc/sys/vm/max_map_count") as limit:
-      return sum(1 for _ in maps), int(limit.read())
-  except OSError:
-    return None
+from headkv_jax import memory_maps
 
 
 @pytest.fixture(autouse=True)
 def _release_executables_near_the_map_limit():
-  """XLA:CPU maps every compiled kernel's code into its own few pages, and a whole suite in
-  one process compiles enough programs to pass Linux's 65,530 mappings per process: LLVM then
-  fails to map code and the process dies with a segmentation fault mid-suite. After any test
-  that leaves the process past half its limit, drop every cached executable (a later test
-  that needs one compiles it again)."""
+  """A whole suite in one process compiles enough programs to pass Linux's memory-map limit
+  (the process then dies with a segmentation fault mid-suite): after each test, drop every
+  cached executable once the process holds half its limit (``headkv_jax.memory_maps``)."""
   yield
-  counts = _memory_maps()
-  if counts is not None and counts[0] > counts[1] // 2:
-    jax.clear_caches()
-    gc.collect()
+  memory_maps.release_near_limit()

@@ -59,10 +59,21 @@ def test_effective_bits_formula():
 
 # ---- the cache ------------------------------------------------------------------------------
 
-def _stored(x, bits, group):
-  """What a quantized slot gives back for stored ``x [..., D]``."""
-  return slot_store.decode(slot_store.encode(x, bits, group, jnp.float32), bits, group,
-                           jnp.float32)
+def _stored(x, bits, group, channel=None):
+  """What a quantized slot gives back for stored ``x [..., D]`` (keys: normalised by their
+  channel (shift, scale) ``[..., 2, D]`` before quantizing)."""
+  return slot_store.decode(slot_store.encode(x, bits, group, jnp.float32, channel), bits,
+                           group, jnp.float32, channel)
+
+
+def _key_channels(keys):
+  """The channel (shift, scale) a head fixes from its first written keys ``[..., T, D]``:
+  their mean and standard deviation per channel (floored at a tenth of the mean deviation),
+  in float16 -> ``[..., 1, 2, D]``."""
+  x = np.asarray(keys, np.float64)
+  mean, std = x.mean(axis=-2), x.std(axis=-2)
+  std = np.maximum(std, np.maximum(0.1 * std.mean(axis=-1, keepdims=True), 2.0**-14))
+  return jnp.asarray(np.stack([mean, std], axis=-2)[..., None, :, :], jnp.float16)
 
 
 @pytest.mark.parametrize("kv", [(8, 8), (4, 2), (2, 2), (16, 4)])
@@ -79,10 +90,17 @@ def test_attention_over_quantized_slots_equals_dequantized_reference(kv):
                           positions[:, :prefill], ROPE)
   out, _ = cache.attend(0, q[:, prefill:], k[:, prefill:], v[:, prefill:],
                         positions[:, prefill:], ROPE)
+  held = None if kv[0] == 16 else cache.key_channels[:, 0][:, :, None]  # [B, Hkv, 1, 2, D]
 
   kr = np.asarray(ROPE.apply(k, positions), np.float64)  # stored keys are rotated
   qr = np.asarray(ROPE.apply(q, positions), np.float64)[:, prefill]  # [B, Hq, D]
-  kd = np.asarray(_stored(jnp.asarray(kr, jnp.float32), kv[0], group), np.float64)
+  # keys [B, T, Hkv, D] -> per head [B, Hkv, T, D]: the prefill fixed each head's scales
+  kr_h = jnp.asarray(kr, jnp.float32).transpose(0, 2, 1, 3)
+  if kv[0] < 16:  # the prefill's keys fixed each head's channel shifts and scales
+    np.testing.assert_allclose(np.asarray(held, np.float32),
+                               np.asarray(_key_channels(kr_h[:, :, :prefill]), np.float32),
+                               rtol=1e-3, atol=1e-3)
+  kd = np.asarray(_stored(kr_h, kv[0], group, held), np.float64).transpose(0, 2, 1, 3)
   vd = np.asarray(_stored(v, kv[1], group), np.float64)
   exact = (np.arange(t) < sinks) | (np.arange(t) >= prefill - residual)
   kk = np.where(exact[None, :, None, None], kr, kd)
@@ -129,8 +147,12 @@ def test_kept_tokens_never_change_across_evictions(policy, kv):
                               bits=np.full((layers, hkv, 2), kv), quant_group=4, residual=2,
                               fp_sinks=1)
   seen = [np.full((batch, hkv, t, 2, D), np.nan, np.float32) for _ in range(layers)]
+  scales = []
 
   def check(c):  # every held position's dequantized K, V equal what it was when first seen
+    scales.append(np.asarray(c.key_channels))  # and every head's key channels, once set
+    set_first = np.any(scales[0][..., 1, :] != 0, axis=-1)
+    np.testing.assert_array_equal(scales[-1][set_first], scales[0][set_first])
     for layer, (pos, ((k, v),)) in enumerate(_held_raw(c)):
       kv = np.stack([np.asarray(slot_store.decode(k, kv_bits[0], 4, jnp.float32)),
                      np.asarray(slot_store.decode(v, kv_bits[1], 4, jnp.float32))], axis=3)
@@ -152,6 +174,39 @@ def test_kept_tokens_never_change_across_evictions(policy, kv):
                          positions[:, s:s + 1], [(0, 1)])
     check(cache)
   assert sum(int((~np.isnan(x[..., 0, 0])).sum()) for x in seen) > layers * batch * hkv * 6
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_key_channels_keep_an_outlier_channel_from_erasing_the_others(bits):
+  """KIVI's key axis: keys whose channel 0 is about 20 every token, the others about 0.
+  Per-token groups alone spend their levels on the outlier and erase the other channels of
+  its group; the cache's channel shifts and scales (fixed from the head's first tokens) keep
+  their error at the scale of those channels, and later tokens (a second chunk) use the same
+  ones."""
+  rng = np.random.RandomState(4)
+  batch, t, hkv, group = 1, 24, 1, 8
+  k = rng.randn(batch, t, hkv, D).astype(np.float32)
+  k[..., 0] = 20.0 + 5.0 * k[..., 0]
+  k[:, 12:] *= 2.0  # the second chunk's keys are larger: they must not move the scales
+  v = rng.randn(batch, t, hkv, D).astype(np.float32)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+  cache = PagedKVCache.create(1, batch, hkv, D, 64, "full", chunk_size=12, dtype=jnp.float32,
+                              page_size=4, bits=np.full((1, hkv, 2), (bits, bits)),
+                              quant_group=group, residual=0, fp_sinks=0)
+  for s in (0, 12):  # two chunks: the first fixes the scales
+    cache = cache.append(0, jnp.asarray(k[:, s:s + 12]).transpose(0, 2, 1, 3),
+                         jnp.asarray(v[:, s:s + 12]).transpose(0, 2, 1, 3),
+                         positions[:, s:s + 12], jnp.zeros((batch, hkv, 12)))
+  np.testing.assert_allclose(np.asarray(cache.key_channels[0, 0, 0], np.float32),
+                             np.asarray(_key_channels(k[0, :12, 0])[0], np.float32),
+                             rtol=1e-3, atol=1e-3)  # the first chunk's, not the second's
+  held = np.asarray(cache.view(0)[0][0, 0, :t])  # [T, D] dequantized keys
+  err = np.abs(held - k[0, :, 0])[:, 1:group]  # the outlier's group mates
+  plain = np.asarray(_stored(jnp.asarray(k[0, :, 0]), bits, group))
+  plain_err = np.abs(plain - k[0, :, 0])[:, 1:group]
+  assert err.mean() < 0.5 * plain_err.mean()
+  levels = (1 << bits) - 1
+  assert err.max() <= (np.abs(k[0, :, 0, 1:group]).max() * 2 + 1) / levels  # their own range
 
 
 def test_mixed_bits_in_one_layer_match_each_class_alone():
@@ -199,11 +254,16 @@ def test_nbytes_equal_the_analytic_formula():
       if min(kb, vb) < 16:
         want += batch * window * (2 * 2 * D + 4)  # window K, V (bf16) and positions
       want += batch * 3 * 4  # offsets, lengths, dropped
+      want += batch * 2 * D * 2  # key channel shift + scale (float16; every head once any
+      #                           head quantizes its keys)
   assert cache.nbytes == want
-  # Effective bits: a 4/2 head at budget 8 holds 5 of its 8 tokens also in the window.
+  # Effective bits: a 4/2 head at budget 8 holds 5 of its 8 tokens also in the window, and
+  # its key channels (a shift and a scale each) add 32 / 8 bits per key element.
   eff = cache.head_effective_bits()
   assert eff[0, 1] == 16.0
-  assert eff[0, 0] == pytest.approx(((4 + 8) + 5 * 16 / 8 + (2 + 8) + 5 * 16 / 8) / 2)
+  assert eff[0, 0] == pytest.approx(((4 + 8 + 32 / 8) + 5 * 16 / 8 + (2 + 8) + 5 * 16 / 8) / 2)
+  assert PagedKVCache.create(layers, batch, hkv, D, budgets, "h2o", chunk_size=chunk,
+                             bits=np.full((layers, hkv, 2), (16, 4))).key_channels is None
   assert cache.effective_bits == pytest.approx((eff * budgets).sum() / budgets.sum())
 
 

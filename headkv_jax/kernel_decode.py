@@ -18,8 +18,9 @@ One decode step (:func:`cached_partial`), per bit class (one kernel launch sees 
   ``b * S_c / page_size + ...``); the page table of a (row, head) is its region's pages
   (:meth:`PagedKVCache.page_table`); every head of the layer takes part, with length 0 outside
   the class (the kernel skips it); quantized keys are per token per ``quant_group`` channels
-  (``key_axis="token"``) of keys divided by the head's channel scales, which the query takes
-  instead (``q . (k * s) = (q * s) . k``); 16-bit stores are passed as floats;
+  (``key_axis="token"``) of keys normalised by the head's channel shift ``t`` and scale
+  ``s``, which the query and the part's log-sum-exp take instead (``q . (k s + t) =
+  (q s) . k + q . t``, the last the same for every key); 16-bit stores are passed as floats;
 * full-precision window (quantized classes): the window's copy of a token must be used, not
   its codes. A head's tokens are in position order, its sinks (positions ``< fp_sinks``) are
   among its first ``fp_sinks`` slots and the window's recent tokens among its last
@@ -127,6 +128,7 @@ def cached_partial(cache, layer, q_rows, positions, *,
     table_c = jnp.clip(table + rows_first[:, None, None], 0, kp.shape[0] - 1)
     lengths = cache._class_lengths(layer, c)  # [B, Hkv]; 0 outside the class
     fp = cache._fp_rows(layer, c)
+    channels = cache._key_channels(layer, c)  # [B, Hkv, 1, 2, D] or None
     starts, ends = jnp.zeros_like(lengths), lengths
     if fp is not None:  # the first / last slots the window may hold: the tile core's
       sinks, residual = cache.fp_sinks, cache.residual
@@ -137,12 +139,11 @@ def cached_partial(cache, layer, q_rows, positions, *,
       cand = jnp.where(j < sinks, j, ends[:, :, None] + (j - sinks))  # [B, Hkv, F]
       ok = jnp.where(j < sinks, j < n_head[:, :, None], (j - sinks) < n_tail[:, :, None])
       idx = cache.offsets[:, layer][..., None] + jnp.where(ok, cand, 0)
-      k_w, v_w, _ = cache.read(c, idx, ok, fp, kscale=cache._key_channels(layer, c))
+      k_w, v_w, _ = cache.read(c, idx, ok, fp, channels=channels)
       parts.append(attention.tile_loop(
           q_rows, lambda _, k_w=k_w, v_w=v_w, ok=ok: (k_w, v_w, ok[:, :, None, :]), 1,
           attention.empty_partial(b, hkv, g, d)))
     q_c, shift = q, None
-    channels = cache._key_channels(layer, c)  # [B, Hkv, 1, 2, D]
     if channels is not None:  # q . (k s + t) = (q s) . k + q . t, the last the same per key
       ch = channels.astype(jnp.float32)
       q_c = (q.reshape(b, hkv, g, d) * ch[..., 1, :]).reshape(b, hkv * g, d).astype(q.dtype)

@@ -434,28 +434,29 @@ class PagedKVCache:
       return None
     return self.key_channels[:, layer][:, :, None]
 
-  def read(self, c: int, idx, valid, fp=None, values: bool = True, kscale=None):
+  def read(self, c: int, idx, valid, fp=None, values: bool = True, channels=None):
     """Slots ``idx [B, Hkv, N]`` of pool ``c`` -> ``(k, v, positions)``: keys and values
-    ``[B, Hkv, N, D]`` in the cache dtype (dequantized, keys through ``kscale`` =
+    ``[B, Hkv, N, D]`` in the cache dtype (dequantized, keys un-normalised by ``channels`` =
     :meth:`_key_channels`; tokens the window ``fp`` holds read exact), positions (``-1`` where
     not ``valid``); ``v`` None unless ``values``."""
     safe = jnp.clip(idx, 0, self.pools[c].positions.shape[1] - 1)
-    return self._read_slots(c, lambda x: slot_pool.gather(x, safe), valid, fp, values, kscale)
+    return self._read_slots(c, lambda x: slot_pool.gather(x, safe), valid, fp, values,
+                            channels)
 
   def read_run(self, c: int, start, size: int, valid, fp=None, values: bool = True,
-               kscale=None):
+               channels=None):
     """:meth:`read` of the ``size`` consecutive slots of pool ``c`` from ``start [B, Hkv]``
     (``<= S_c - size``): one contiguous block per head."""
     return self._read_slots(c, lambda x: slot_pool.runs(x, start, size), valid, fp, values,
-                            kscale)
+                            channels)
 
-  def _read_slots(self, c: int, take, valid, fp, values: bool, kscale):
+  def _read_slots(self, c: int, take, valid, fp, values: bool, channels):
     """:meth:`read` of the slots ``take(pool array)`` selects (``[B, Hkv, N, ...]``)."""
     pool = self.pools[c]
     kb, vb = self.layout.pairs[c]
     pos = jnp.where(valid, take(pool.positions), -1)
     k = slot_store.decode(slot_store.tree(take, pool.k), kb, self.quant_group, self.dtype,
-                          kscale)
+                          channels)
     v = None
     if values:
       v = slot_store.decode(slot_store.tree(take, pool.v), vb, self.quant_group, self.dtype)
@@ -484,7 +485,7 @@ class PagedKVCache:
       n_c = self._class_lengths(layer, c)
       valid = jnp.arange(size)[None, None, :] < n_c[..., None]
       kc, vc, pc = self.read(c, idx, valid, self._fp_rows(layer, c),
-                             kscale=self._key_channels(layer, c))
+                             channels=self._key_channels(layer, c))
       m = self.members(layer, c)[None, :, None]
       k = kc if k is None else jnp.where(m[..., None], kc, k)
       v = vc if v is None else jnp.where(m[..., None], vc, v)
@@ -553,7 +554,7 @@ class PagedKVCache:
 
       def unit(j, units, c=c, slots=slots, fp=fp, ks=ks, tile=tile):
         s, start, valid = slots(j)
-        kb, _, kp = self.read_run(c, start, tile, valid, fp, values=False, kscale=ks)
+        kb, _, kp = self.read_run(c, start, tile, valid, fp, values=False, channels=ks)
         kb = kb if rope is None else slot_pool.rotate(rope, kb, -kp)
         u = policies_lib.unit_keys(kb).transpose(0, 1, 3, 2)  # [B, Hkv, D, tile]
         return _record_tile(units, s, u, valid, pad)
@@ -716,7 +717,7 @@ class PagedKVCache:
 
     def fetch(j):
       s, start, valid = slots(j)
-      kb, vb, kp = self.read_run(c, start, tile, valid, fp, kscale=ks)
+      kb, vb, kp = self.read_run(c, start, tile, valid, fp, channels=ks)
       if self.policy.position_mode == "cache_relative":
         kb = slot_pool.rotate(rope, kb, s)
       mask = valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
@@ -767,7 +768,7 @@ class PagedKVCache:
     def body(j, scores):
       s, start, valid = slots(j)
       idx = start[..., None] + jnp.arange(tile, dtype=jnp.int32)  # [B, Hkv, tile]
-      kb, _, kp = self.read_run(c, start, tile, valid, fp, values=False, kscale=ks)
+      kb, _, kp = self.read_run(c, start, tile, valid, fp, values=False, channels=ks)
       if self.policy.position_mode == "cache_relative":
         kb = slot_pool.rotate(rope, kb, s)
       mask = valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
@@ -795,7 +796,7 @@ class PagedKVCache:
     target = self.offsets[:, layer][:, :, None] + new_slot  # [B, Hkv, T]
     new_pos = jnp.broadcast_to(positions[:, None, :], target.shape)
     key_channels, ks = self.key_channels, None
-    if key_channels is not None:  # a head's first written tokens fix its channel scales
+    if key_channels is not None:  # a head's first written keys fix its channels
       ks = _first_key_channels(key_channels[:, layer], k_store, stored)  # [B, Hkv, 2, D]
       key_channels = key_channels.at[:, layer].set(ks)
       ks = ks[:, :, None]
@@ -806,8 +807,8 @@ class PagedKVCache:
       num_slots = pool.positions.shape[1]
       tgt = jnp.where(stored & member[None, :, None], target, num_slots)  # [B, Hkv, T]
       put = lambda p, x, tgt=tgt: slot_pool.scatter(p, tgt, x)
-      enc = lambda x, bits, scale=None: slot_store.encode(x, bits, self.quant_group,
-                                                          self.dtype, scale)
+      enc = lambda x, bits, channel=None: slot_store.encode(x, bits, self.quant_group,
+                                                            self.dtype, channel)
       fp = pool.fp
       if fp is not None:
         rows = jnp.where(member, _at(lay.fp_row, layer), fp.pos.shape[1])  # [Hkv]

@@ -22,14 +22,12 @@ One decode step (:func:`cached_partial`), per bit class (one kernel launch sees 
   ``s``, which the query and the part's log-sum-exp take instead (``q . (k s + t) =
   (q s) . k + q . t``, the last the same for every key); 16-bit stores are passed as floats;
 * full-precision window (quantized classes): the window's copy of a token must be used, not
-  its codes. A head's tokens are in position order, its sinks (positions ``< fp_sinks``) are
-  among its first ``fp_sinks`` slots and the window's recent tokens among its last
-  ``residual`` slots, so the kernel attends slots ``[n_head, length - n_tail)`` only (via its
-  ``starts``) and those first / last slots are folded in by the library's tile core
-  (:func:`headkv_jax.attention.tile_loop`), read through :meth:`PagedKVCache.read` (window
-  copy where the window holds the position): exactly what the XLA path reads. (Exact as long
-  as no window-held token sits in the middle, i.e. positions are written in increasing order,
-  as the cache is driven.)
+  its codes. A head's tokens are in position order, so the window's tokens are among its
+  first ``fp_sinks`` and last ``residual`` slots: the kernel attends the middle slots
+  ``[lo, hi)`` (via its ``starts`` / ``ends``) and the edge slots are folded in by the
+  library's tile core, reading the window's copy where it holds the position
+  (``PagedKVCache._passes`` / ``_attend_pool(edges="only")``, the split the XLA path reads
+  too). (Exact as long as positions are written in increasing order, as the cache is driven.)
 * the parts are merged by :func:`headkv_jax.attention.merge_partials`; the new token and the
   policies' statistics are the caller's (the same code as the XLA path).
 """
@@ -119,6 +117,7 @@ def cached_partial(cache, layer, q_rows, positions, *,
   block_sizes = block_sizes or qda.BlockSizes()
   q = (q_rows * d**0.5).reshape(b, hkv * g, d)  # unscaled: the kernel scales its logits
   table = cache.page_table(layer)  # [B, Hkv, P] page ids within a row's pool
+  q_pos_rows = jnp.repeat(positions, g, axis=1)  # [B, G]
   parts = []
   for c, pool in enumerate(cache.pools):
     kb, vb = lay.pairs[c]
@@ -126,23 +125,13 @@ def cached_partial(cache, layer, q_rows, positions, *,
     vp, vs, vz = _pages(pool.v, ps)
     rows_first = (jnp.arange(b, dtype=jnp.int32) * (pool.positions.shape[1] // ps))
     table_c = jnp.clip(table + rows_first[:, None, None], 0, kp.shape[0] - 1)
-    lengths = cache._class_lengths(layer, c)  # [B, Hkv]; 0 outside the class
-    fp = cache._fp_rows(layer, c)
+    # Slots [starts, ends) of each head through the kernel; with a full-precision window, the
+    # edge slots it may hold through the library's tile core (PagedKVCache._passes).
+    starts, ends, _ = cache._passes(layer, c, edges=False)  # [B, Hkv]; 0 outside the class
     channels = cache._key_channels(layer, c)  # [B, Hkv, 1, 2, D] or None
-    starts, ends = jnp.zeros_like(lengths), lengths
-    if fp is not None:  # the first / last slots the window may hold: the tile core's
-      sinks, residual = cache.fp_sinks, cache.residual
-      n_head = jnp.minimum(sinks, lengths)
-      n_tail = jnp.minimum(residual, lengths - n_head)
-      starts, ends = n_head, lengths - n_tail
-      j = jnp.arange(sinks + residual, dtype=jnp.int32)
-      cand = jnp.where(j < sinks, j, ends[:, :, None] + (j - sinks))  # [B, Hkv, F]
-      ok = jnp.where(j < sinks, j < n_head[:, :, None], (j - sinks) < n_tail[:, :, None])
-      idx = cache.offsets[:, layer][..., None] + jnp.where(ok, cand, 0)
-      k_w, v_w, _ = cache.read(c, idx, ok, fp, channels=channels)
-      parts.append(attention.tile_loop(
-          q_rows, lambda _, k_w=k_w, v_w=v_w, ok=ok: (k_w, v_w, ok[:, :, None, :]), 1,
-          attention.empty_partial(b, hkv, g, d)))
+    if cache.pools[c].fp is not None:
+      parts.append(cache._attend_pool(layer, c, q_rows, q_pos_rows, None,
+                                      attention.empty_partial(b, hkv, g, d), edges="only")[0])
     q_c, shift = q, None
     if channels is not None:  # q . (k s + t) = (q s) . k + q . t, the last the same per key
       ch = channels.astype(jnp.float32)

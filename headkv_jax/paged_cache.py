@@ -466,6 +466,14 @@ class PagedKVCache:
       v = v_fp if values else None
     return k, v, pos
 
+  def _layer_classes(self, layer) -> tuple[int, ...]:
+    """The classes with heads in ``layer``: all of them for a traced layer (one program
+    serves every layer), only those it has for a Python int (a decode step's unrolled
+    layers skip the rest)."""
+    if isinstance(layer, (int, np.integer)):
+      return tuple(sorted(set(np.asarray(self.layout.class_of[int(layer)]).tolist())))
+    return tuple(range(len(self.pools)))
+
   def _class_lengths(self, layer, c: int):
     """``[B, Hkv]`` tokens each head of ``layer`` holds in pool ``c`` (0 outside the class)."""
     return jnp.where(self.members(layer, c)[None, :], self.lengths[:, layer], 0)
@@ -544,22 +552,21 @@ class PagedKVCache:
     ``[B, Hkv, size, D]`` scratch of unit keys, whose per-head mean is the anchor."""
     pad = self._tile_size()  # slot s at index pad + s
     view = size or self.layout.max_region
-    padded = -(-view // pad) * pad
     rope = self.rope if self.policy.position_mode == "original" else None
     b, hkv, d = self.batch, self.num_kv_heads, self.head_dim
-    units = jnp.zeros((b, hkv, d, pad + padded), jnp.float32)
+    units = jnp.zeros((b, hkv, d, self._slot_buffer(view)), jnp.float32)
     for c in range(len(self.pools)):
-      _, num_tiles, slots, tile = self._tiles(layer, c)
-      fp, ks = self._fp_rows(layer, c), self._key_channels(layer, c)
+      ks = self._key_channels(layer, c)
+      for num_tiles, slots, size, fp in self._passes(layer, c)[2]:
 
-      def unit(j, units, c=c, slots=slots, fp=fp, ks=ks, tile=tile):
-        s, start, valid = slots(j)
-        kb, _, kp = self.read_run(c, start, tile, valid, fp, values=False, channels=ks)
-        kb = kb if rope is None else slot_pool.rotate(rope, kb, -kp)
-        u = policies_lib.unit_keys(kb).transpose(0, 1, 3, 2)  # [B, Hkv, D, tile]
-        return _record_tile(units, s, u, valid, pad)
+        def unit(j, units, c=c, slots=slots, size=size, fp=fp, ks=ks):
+          s, start, valid = slots(j)
+          kb, _, kp = self.read_run(c, start, size, valid, fp, values=False, channels=ks)
+          kb = kb if rope is None else slot_pool.rotate(rope, kb, -kp)
+          u = policies_lib.unit_keys(kb).transpose(0, 1, 3, 2)  # [B, Hkv, D, size]
+          return _record_tile(units, s, u, valid, pad)
 
-      units = jax.lax.fori_loop(0, num_tiles, unit, units)
+        units = jax.lax.fori_loop(0, num_tiles, unit, units)
     units = units[..., pad:pad + view].transpose(0, 1, 3, 2)  # [B, Hkv, view, D]
     anchor = policies_lib.unit_keys(jnp.sum(units, axis=2, keepdims=True))  # [B, Hkv, 1, D]
     held = jnp.arange(view)[None, None, :] < self.lengths[:, layer][..., None]
@@ -633,17 +640,14 @@ class PagedKVCache:
     kernel = kernel_decode.uses_kernel(self, t)
     logits = None  # a decode step keeps its slot logits for the statistic (one pass)
     if t == 1 and observed is not None and not kernel:
-      tile = self._tile_size()  # slot s at index tile + s (a shifted-back run may start < 0)
-      size = tile + -(-self.layout.max_region // tile) * tile
-      logits = jnp.full((b, hkv, group, size), -jnp.inf, jnp.float32)
+      logits = jnp.full((b, hkv, group, self._slot_buffer(self.layout.max_region)), -jnp.inf,
+                        jnp.float32)
     if kernel:  # the fused Pallas kernel reads the codes in place
       cached = kernel_decode.cached_partial(self, layer, q_rows, positions)
     else:
       cached = attention.empty_partial(b, hkv, t * group, d)
-      for c in range(len(self.pools)):
-        cached = self._attend_pool(layer, c, q_rows, q_pos_rows, rope, cached, logits)
-        if logits is not None:
-          cached, logits = cached
+      for c in self._layer_classes(layer):
+        cached, logits = self._attend_pool(layer, c, q_rows, q_pos_rows, rope, cached, logits)
     k_t = k_new.transpose(0, 2, 1, 3)  # [B, T, Hkv, D]
     own = attention.causal_attention(qr, k_t, v, positions)
     o, m, l = attention.merge_partials([cached, own])
@@ -681,56 +685,96 @@ class PagedKVCache:
       raise ValueError(f"{k.shape[2]} new tokens exceed chunk_size={self.chunk_size}.")
     return self._write(layer, k, v, positions, scores.astype(jnp.float32))
 
-  def _tiles(self, layer, c: int):
-    """Tile geometry of class ``c``'s heads in ``layer`` -> ``(n_c [B, Hkv], num_tiles,
-    slots, tile)`` (``tile`` = slots per tile, at most :meth:`_tile_size` and the pool's):
-    ``slots(j) -> (s, start, valid)``, tile ``j`` of every head as the run of
-    ``tile`` pool slots from ``start [B, Hkv]``, ``s [B, Hkv, tile]`` their slot in the
-    head's region, ``valid`` the held slots first read by this tile. A run that would pass
-    the pool's end is shifted back (its slots before ``j * tile`` are not valid); a head
-    done before tile ``j`` re-reads its first slots (cached, never valid)."""
-    n_c = self._class_lengths(layer, c)
+  def _passes(self, layer, c: int, edges: bool | str = True):
+    """How the held slots of ``layer``'s class-``c`` heads are read: a list of passes
+    ``(num_tiles, slots, size, fp)``. ``slots(j) -> (s, start, valid)`` is tile ``j`` of the
+    pass for every head: the run of ``size`` pool slots from ``start [B, Hkv]``, ``s [B,
+    Hkv, size]`` their slots in the head's region, ``valid`` the held slots this tile reads
+    (a run that would pass the pool's end is shifted back, its slots read by an earlier tile
+    not valid; a head done before tile ``j`` re-reads its first slots, never valid); read
+    them with :meth:`read_run` and the window ``fp``.
+
+    A 16-bit class is one pass of tiles over every held slot. A quantized class with a
+    full-precision window reads its middle slots ``[lo, hi)`` (all but the first
+    ``fp_sinks`` and the last ``residual``) from their codes alone, tile by tile, and the
+    edge slots in one run each through the window (its copy where it holds the slot's
+    position): a head's tokens are in position order, so every token the window holds is
+    an edge slot, and no tile pays for the window. ``edges=False`` gives the middle pass
+    only, ``edges="only"`` the edge runs only (the Pallas path reads the middle itself).
+    Returns ``(lo, hi, passes)``, ``lo, hi [B, Hkv]``."""
+    n = self._class_lengths(layer, c)
     off = self.offsets[:, layer]
     num_slots = self.pools[c].positions.shape[1]
-    tile = min(self._tile_size(), num_slots)
-    num_tiles = (jnp.max(n_c) + tile - 1) // tile
+    fp = self._fp_rows(layer, c)
 
-    def slots(j):
-      nominal = j * tile
-      start = jnp.minimum(off + jnp.where(nominal < n_c, nominal, 0), num_slots - tile)
-      s = (start - off)[..., None] + jnp.arange(tile, dtype=jnp.int32)  # [B, Hkv, tile]
-      return s, start, (s >= nominal) & (s < n_c[..., None])
+    def run(first, lo, hi, size):
+      start = jnp.minimum(off + first, num_slots - size)
+      s = (start - off)[..., None] + jnp.arange(size, dtype=jnp.int32)  # [B, Hkv, size]
+      return s, start, (s >= lo[..., None]) & (s < hi[..., None])
 
-    return n_c, num_tiles, slots, tile
+    if fp is None:
+      lo, hi = jnp.zeros_like(n), n
+    else:
+      lo = jnp.minimum(self.fp_sinks, n)
+      hi = jnp.maximum(n - self.residual, lo)
+    passes = []
+    if edges != "only":
+      tile = min(self._tile_size(), num_slots)
+
+      def tiles(j):
+        first = lo + j * tile
+        return run(jnp.where(first < hi, first, 0), first, hi, tile)
+
+      passes.append(((jnp.max(hi - lo) + tile - 1) // tile, tiles, tile, None))
+    if fp is not None and edges:
+      for first, last, size in ((jnp.zeros_like(n), lo, self.fp_sinks),
+                                (hi, n, self.residual)):
+        if size:
+          size = min(size, num_slots)
+          passes.append((1, lambda j, a=first, z=last, k=size: run(a, a, z, k), size, fp))
+    return lo, hi, passes
 
   def _tile_size(self) -> int:
     return min(TILE, self.layout.max_region)
 
-  def _attend_pool(self, layer, c, q_rows, q_pos_rows, rope, init, logits=None):
-    """Folds the held slots of ``layer``'s class-``c`` heads into the online softmax; with
-    ``logits [B, Hkv, R, >= max_region]`` also records each held slot's logit there (by
-    slot in its region; a decode step's statistics then need no second pass)."""
-    _, num_tiles, slots, tile = self._tiles(layer, c)
+  def _slot_buffer(self, view: int) -> int:
+    """Length of a per-slot scratch (:func:`_record_tile`) for heads of at most ``view``
+    slots: slot ``s`` at index ``tile + s``, room for a shifted-back first run before and a
+    whole last tile after (one that starts up to ``fp_sinks`` slots in, :meth:`_passes`)."""
+    tile = self._tile_size()
+    window = self.fp_sinks if any(p.fp is not None for p in self.pools) else 0
+    return tile + -(-view // tile) * tile + window
+
+  def _attend_pool(self, layer, c, q_rows, q_pos_rows, rope, init, logits=None,
+                   edges: bool | str = True):
+    """Folds the held slots of ``layer``'s class-``c`` heads into the online softmax ->
+    ``(part, logits)``. ``logits [B, Hkv, R, >= max_region]``: also records each held slot's
+    logit there (by slot in its region; a decode step's statistics then need no second
+    pass). ``edges``: which slots (:meth:`_passes`)."""
     pad = self._tile_size()
-    fp, ks = self._fp_rows(layer, c), self._key_channels(layer, c)
+    ks = self._key_channels(layer, c)
     q_pos = q_pos_rows[:, None, :, None]  # [B, 1, R, 1]
+    part = init
+    for num_tiles, slots, size, fp in self._passes(layer, c, edges)[2]:
 
-    def fetch(j):
-      s, start, valid = slots(j)
-      kb, vb, kp = self.read_run(c, start, tile, valid, fp, channels=ks)
-      if self.policy.position_mode == "cache_relative":
-        kb = slot_pool.rotate(rope, kb, s)
-      mask = valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
-      return kb, vb, mask
+      def fetch(j, slots=slots, size=size, fp=fp):
+        s, start, valid = slots(j)
+        kb, vb, kp = self.read_run(c, start, size, valid, fp, channels=ks)
+        if self.policy.position_mode == "cache_relative":
+          kb = slot_pool.rotate(rope, kb, s)
+        mask = valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
+        return kb, vb, mask
 
-    if logits is None:
-      return attention.tile_loop(q_rows, fetch, num_tiles, init)
+      def keep(j, tile_logits, buf, slots=slots):  # slot s at index pad + s (see attend)
+        s, _, valid = slots(j)
+        return _record_tile(buf, s, tile_logits, valid, pad)
 
-    def keep(j, tile_logits, buf):  # slot s at index pad + s of buf (see attend)
-      s, _, valid = slots(j)
-      return _record_tile(buf, s, tile_logits, valid, pad)
-
-    return attention.tile_loop(q_rows, fetch, num_tiles, init, record=(keep, logits))
+      if logits is None:
+        part = attention.tile_loop(q_rows, fetch, num_tiles, part)
+      else:
+        part, logits = attention.tile_loop(q_rows, fetch, num_tiles, part,
+                                           record=(keep, logits))
+    return part, logits
 
   def _scores_from_logits(self, layer, logits, lse) -> "PagedKVCache":
     """A decode step's statistic from the slot logits :meth:`_attend_pool` recorded
@@ -758,28 +802,29 @@ class PagedKVCache:
     """The policy's statistic of ``layer``'s class-``c`` slots from this call's observed
     queries (``lse`` = +inf elsewhere): replaces (SnapKV) or adds to (H2O, "accumulate")
     each held slot's score in its pool."""
-    _, num_tiles, slots, tile = self._tiles(layer, c)
     q_pos = q_pos_rows[:, None, :, None]
-    fp, ks = self._fp_rows(layer, c), self._key_channels(layer, c)
+    ks = self._key_channels(layer, c)
     pool = self.pools[c]
     num_slots = pool.positions.shape[1]
     accumulates = self.policy.accumulates
+    scores = pool.scores
+    for num_tiles, slots, size, fp in self._passes(layer, c)[2]:
 
-    def body(j, scores):
-      s, start, valid = slots(j)
-      idx = start[..., None] + jnp.arange(tile, dtype=jnp.int32)  # [B, Hkv, tile]
-      kb, _, kp = self.read_run(c, start, tile, valid, fp, values=False, channels=ks)
-      if self.policy.position_mode == "cache_relative":
-        kb = slot_pool.rotate(rope, kb, s)
-      mask = valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
-      part = attention.tile_key_sums(q_rows, kb, mask, lse, group)
-      per = policies_lib.reduce_group(part, self.policy.gqa_reduce, axis=2)  # [B, Hkv, tile]
-      target = jnp.where(valid, idx, num_slots)
-      if accumulates:
-        per = per + slot_pool.gather(scores, jnp.minimum(idx, num_slots - 1))
-      return slot_pool.scatter(scores, target, per)
+      def body(j, scores, slots=slots, size=size, fp=fp):
+        s, start, valid = slots(j)
+        idx = start[..., None] + jnp.arange(size, dtype=jnp.int32)  # [B, Hkv, size]
+        kb, _, kp = self.read_run(c, start, size, valid, fp, values=False, channels=ks)
+        if self.policy.position_mode == "cache_relative":
+          kb = slot_pool.rotate(rope, kb, s)
+        mask = valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
+        part = attention.tile_key_sums(q_rows, kb, mask, lse, group)
+        per = policies_lib.reduce_group(part, self.policy.gqa_reduce, axis=2)  # [B, Hkv, size]
+        target = jnp.where(valid, idx, num_slots)
+        if accumulates:
+          per = per + slot_pool.gather(scores, jnp.minimum(idx, num_slots - 1))
+        return slot_pool.scatter(scores, target, per)
 
-    scores = jax.lax.fori_loop(0, num_tiles, body, pool.scores)
+      scores = jax.lax.fori_loop(0, num_tiles, body, scores)
     return self._with_pool(c, pool.replace(scores=scores))
 
   def _write(self, layer, k_store, v_new, positions, new_scores):

@@ -53,8 +53,9 @@ def test_uniform_forms(text, kind, kv, canonical, residual):
 
 
 @pytest.mark.parametrize('text, table, canonical', [
-    ('roles', ((8, 4), (4, 2), (2, 2)), 'roles'),
-    ('ROLES : 8/4, 4/2, 2/2', ((8, 4), (4, 2), (2, 2)), 'roles'),
+    ('roles', ((8, 4), (4, 2), (4, 2)), 'roles'),
+    ('ROLES : 8/4, 4/2, 4/2', ((8, 4), (4, 2), (4, 2)), 'roles'),
+    ('roles:8/4,4/2,2/2', ((8, 4), (4, 2), (2, 2)), 'roles:8/4,4/2,2'),
     ('roles:8/8,4/4,2/2', ((8, 8), (4, 4), (2, 2)), 'roles:8,4,2'),
     ('roles:8/8,4/2,2/2', ((8, 8), (4, 2), (2, 2)), 'roles:8,4/2,2'),
     ('roles:16,8/4,4/2', ((16, 16), (8, 4), (4, 2)), 'roles:16,8/4,4/2'),

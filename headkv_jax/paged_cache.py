@@ -662,7 +662,7 @@ class PagedKVCache:
       if logits is not None:
         cache = cache._scores_from_logits(layer, logits[..., self._tile_size():], lse)
       else:
-        for c in range(len(self.pools)):
+        for c in self._layer_classes(layer):
           cache = cache._collect_scores(layer, c, q_rows, q_pos_rows, lse, rope, group)
       sums = attention.causal_key_sums(qr, k_t, positions, lse)  # [B, Hkv, G, T]
       new_scores = policies_lib.reduce_group(sums, self.policy.gqa_reduce, axis=2)
@@ -787,7 +787,8 @@ class PagedKVCache:
     idx = self.offsets[:, layer][..., None] + jnp.arange(size, dtype=jnp.int32)
     valid = jnp.arange(size)[None, None, :] < self.lengths[:, layer][..., None]
     cache = self
-    for c, pool in enumerate(self.pools):
+    for c in self._layer_classes(layer):
+      pool = self.pools[c]
       num_slots = pool.positions.shape[1]
       ok = valid & self.members(layer, c)[None, :, None]
       value = per
@@ -845,8 +846,9 @@ class PagedKVCache:
       ks = _first_key_channels(key_channels[:, layer], k_store, stored)  # [B, Hkv, 2, D]
       key_channels = key_channels.at[:, layer].set(ks)
       ks = ks[:, :, None]
-    pools = []
-    for c, pool in enumerate(self.pools):
+    pools = list(self.pools)
+    for c in self._layer_classes(layer):
+      pool = self.pools[c]
       kb, vb = lay.pairs[c]
       member = self.members(layer, c)
       num_slots = pool.positions.shape[1]
@@ -859,12 +861,12 @@ class PagedKVCache:
         rows = jnp.where(member, _at(lay.fp_row, layer), fp.pos.shape[1])  # [Hkv]
         fp = fp_window.write(fp, rows, positions, k_store, v_new, self.fp_sinks,
                                   self.residual)
-      pools.append(pool.replace(
+      pools[c] = pool.replace(
           k=slot_store.tree(put, pool.k, enc(k_store, kb, ks)),
           v=slot_store.tree(put, pool.v, enc(v_new, vb)),
           positions=put(pool.positions, new_pos),
           scores=put(pool.scores, new_scores),
-          fp=fp))
+          fp=fp)
     n_new = n + jnp.sum(stored, axis=-1, dtype=jnp.int32)
     lost = jnp.sum(tok_valid[:, None, :] & ~stored, axis=-1, dtype=jnp.int32)
     return self.replace(

@@ -119,7 +119,8 @@ def cached_partial(cache, layer, q_rows, positions, *,
   table = cache.page_table(layer)  # [B, Hkv, P] page ids within a row's pool
   q_pos_rows = jnp.repeat(positions, g, axis=1)  # [B, G]
   parts = []
-  for c, pool in enumerate(cache.pools):
+  for c in cache._layer_classes(layer):  # a class with no head here adds nothing
+    pool = cache.pools[c]
     kb, vb = lay.pairs[c]
     kp, ks, kz = _pages(pool.k, ps)
     vp, vs, vz = _pages(pool.v, ps)

@@ -407,11 +407,11 @@ class PagedKVCache:
 
   def pages(self, layer: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """K and V of a 16-bit ``layer``'s pool as pages ``[B, S_c / page_size, page_size, D]``."""
-    classes = set(np.asarray(self.layout.class_of[layer]).tolist())
+    classes = self._layer_classes(int(layer))
     if len(classes) != 1 or self.bits[layer][0] != (16, 16):
       raise ValueError(f"pages() reads a 16-bit layer of one pool; layer {layer} has bits "
                        f"{sorted(set(self.bits[layer]))}.")
-    pool = self.pools[classes.pop()]
+    pool = self.pools[classes[0]]
     b, s, d = pool.k.shape
     shape = (b, s // self.page_size, self.page_size, d)
     return pool.k.reshape(shape), pool.v.reshape(shape)
@@ -745,6 +745,16 @@ class PagedKVCache:
     window = self.fp_sinks if any(p.fp is not None for p in self.pools) else 0
     return tile + -(-view // tile) * tile + window
 
+  def _read_tile(self, c, tile, size: int, fp, channels, q_pos, rope, values: bool = True):
+    """A tile ``(s, start, valid)`` of a :meth:`_passes` pass of pool ``c`` as attention
+    reads it -> ``(k, v, mask)``: keys rotated by slot in "cache_relative" mode, ``mask [B,
+    Hkv, R, size]`` the held slots each query row ``q_pos [B, 1, R, 1]`` may see."""
+    s, start, valid = tile
+    kb, vb, kp = self.read_run(c, start, size, valid, fp, values=values, channels=channels)
+    if self.policy.position_mode == "cache_relative":
+      kb = slot_pool.rotate(rope, kb, s)
+    return kb, vb, valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
+
   def _attend_pool(self, layer, c, q_rows, q_pos_rows, rope, init, logits=None,
                    edges: bool | str = True):
     """Folds the held slots of ``layer``'s class-``c`` heads into the online softmax ->
@@ -758,12 +768,7 @@ class PagedKVCache:
     for num_tiles, slots, size, fp in self._passes(layer, c, edges)[2]:
 
       def fetch(j, slots=slots, size=size, fp=fp):
-        s, start, valid = slots(j)
-        kb, vb, kp = self.read_run(c, start, size, valid, fp, channels=ks)
-        if self.policy.position_mode == "cache_relative":
-          kb = slot_pool.rotate(rope, kb, s)
-        mask = valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
-        return kb, vb, mask
+        return self._read_tile(c, slots(j), size, fp, ks, q_pos, rope)
 
       def keep(j, tile_logits, buf, slots=slots):  # slot s at index pad + s (see attend)
         s, _, valid = slots(j)
@@ -812,12 +817,9 @@ class PagedKVCache:
     for num_tiles, slots, size, fp in self._passes(layer, c)[2]:
 
       def body(j, scores, slots=slots, size=size, fp=fp):
-        s, start, valid = slots(j)
+        _, start, valid = tile = slots(j)
         idx = start[..., None] + jnp.arange(size, dtype=jnp.int32)  # [B, Hkv, size]
-        kb, _, kp = self.read_run(c, start, size, valid, fp, values=False, channels=ks)
-        if self.policy.position_mode == "cache_relative":
-          kb = slot_pool.rotate(rope, kb, s)
-        mask = valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
+        kb, _, mask = self._read_tile(c, tile, size, fp, ks, q_pos, rope, values=False)
         part = attention.tile_key_sums(q_rows, kb, mask, lse, group)
         per = policies_lib.reduce_group(part, self.policy.gqa_reduce, axis=2)  # [B, Hkv, size]
         target = jnp.where(valid, idx, num_slots)

@@ -8,6 +8,7 @@ predictions given what the cache kept. Metrics carry their unit in the key.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -34,7 +35,7 @@ def _cache_metrics(cache) -> dict:
   if hasattr(cache, "head_bits"):
     metrics.update(effective_bits=cache.effective_bits, head_bits=cache.head_bits.tolist(),
                    attention_impl=kernel_decode.resolve_impl(cache.attention_impl),
-                   score_mode=cache.policy.score_mode)  # what "auto" resolved to
+                   score_mode=cache.policy.score_mode)
   else:
     metrics.update(effective_bits=float(np.dtype(cache.layers[0].k.dtype).itemsize * 8))
   return metrics
@@ -55,7 +56,14 @@ def evaluate_sample(runner: ModelRunner, tokenizer, sample, spec: methods.Method
       dtype=runner.model.dtype, profile=profile, oracle_scores=oracle_scores)
   out = generation.generate(runner, [prompt], max_new_tokens, allow_long_context=True,
                             **driver.generate_kwargs())
-  return _answer_record(runner, tokenizer, sample, out, max_new_tokens)
+  return {**_answer_record(runner, tokenizer, sample, out, max_new_tokens),
+          **_prefill_fields(driver.spec, driver.plan.dense)}
+
+
+def _prefill_fields(spec: methods.MethodSpec, dense: bool) -> dict:
+  """What ``score_mode="auto"`` and ``staging=None`` resolved to for the prompt (``spec`` as
+  the driver ran it); decoding then ranks by "latest" (``rechunk_for_decoding``)."""
+  return {} if dense else {"score_mode": spec.score_mode, "staging": spec.staging}
 
 
 def evaluate_from_shared(runner: ModelRunner, tokenizer, sample, shared, spec, *,
@@ -70,6 +78,8 @@ def evaluate_from_shared(runner: ModelRunner, tokenizer, sample, shared, spec, *
   """
   out = shared_prefill.generate_from(runner, shared, spec, profile=profile)
   return {**_answer_record(runner, tokenizer, sample, out, max_new_tokens),
+          **_prefill_fields(spec.for_prefill(False),
+                            spec.name == "full" and spec.bit_scheme.is_full_precision),
           "shared_prefill": True, "shared_prefill_s": shared.prefill_s}
 
 
@@ -99,13 +109,15 @@ def evaluate_perplexity(runner: ModelRunner, sample, spec: methods.MethodSpec, *
   """Perplexity of ``sample.prompt_tokens`` streamed in chunks through the method's cache.
 
   Chunk ``i`` is scored given the (compressed) cache of chunks ``< i`` plus itself, then the
-  cache is compressed: the long-document setting of StreamingLLM / H2O evaluations.
+  cache is compressed to the budgets: the long-document setting of StreamingLLM / H2O
+  evaluations. A stream has no end of prompt to stage towards, so ``spec.staging`` is 1 here.
   """
   cfg = runner.config
   tokens = np.asarray(sample.prompt_tokens, np.int32)
   n = len(tokens)
   driver = method_driver.MethodDriver.create(
-      spec, cfg, prompt_len=n, max_new_tokens=0, chunk_size=chunk_size,
+      dataclasses.replace(spec, staging=1.0), cfg, prompt_len=n, max_new_tokens=0,
+      chunk_size=chunk_size,
       dtype=runner.model.dtype, profile=profile)
   width = driver.prefill_chunk  # chunk_size, or the bucketed document if that is shorter
   cache = driver.make_cache(1, generation.bucket(n))

@@ -22,6 +22,7 @@ from absl import flags
 from experiments import grid
 from headkv_jax.head_scores import ROLE_NAMES
 
+SCHEME_OPTION = re.compile(r'^\s*(group|residual)\s*=', re.I)  # a scheme's '@' option
 _BIT_PAIR = re.compile(r'^\s*\d+\s*(/\s*\d+\s*)?$')  # '4/2' or '8': a role-table entry
 
 _MODEL = flags.DEFINE_string('model', 'smollm2-135m',
@@ -95,12 +96,16 @@ def join_brackets(values):
 
 
 def join_schemes(values):
-  """Re-joins a role table absl split at its commas: ['16', 'roles:8', '4/2', '2', 'avg:3']
-  -> ['16', 'roles:8,4/2,2', 'avg:3'] (a table has one entry per role)."""
+  """Re-joins what absl split at commas inside one scheme: a role table (['16', 'roles:8',
+  '4/2', '2', 'avg:3'] -> ['16', 'roles:8,4/2,2', 'avg:3']; a table has one entry per role)
+  and ``@`` options (['roles@group=64', 'residual=16'] -> ['roles@group=64,residual=16'])."""
   out = []
   for v in values:
-    if out and out[-1].strip().lower().startswith('roles:') and (
-        out[-1].count(',') < len(ROLE_NAMES) - 1) and _BIT_PAIR.match(v):
+    last = out[-1].strip().lower() if out else ''
+    in_table = (last.startswith('roles:') and '@' not in last
+                and last.count(',') < len(ROLE_NAMES) - 1)
+    if (in_table and _BIT_PAIR.match(v.partition('@')[0])) or (
+        '@' in last and SCHEME_OPTION.match(v)):
       out[-1] += ',' + v
     else:
       out.append(v)

@@ -66,11 +66,13 @@ _LABEL = re.compile(r'headaware\[(.+)\]$')
 
 
 def _parts(inner: str) -> list[str]:
-  """The comma-separated parts of a label's brackets; a role table's entries stay with their
-  `kv_bits=roles:...` part ('kv_bits=roles:8/8,4/2,2/2,sinks=0' -> 2 parts)."""
+  """The comma-separated parts of a label's brackets; a role table's entries and a scheme's
+  `@` options stay with their `kv_bits=...` part ('kv_bits=roles:8/8,4/2,2/2,sinks=0' -> 2
+  parts, 'kv_bits=roles@group=64,residual=16' -> 1)."""
   parts = []
   for part in (p.strip() for p in inner.split(',')):
-    if parts and parts[-1].startswith('kv_bits=') and '=' not in part:
+    if parts and parts[-1].startswith('kv_bits=') and (
+        '=' not in part or exp_flags.SCHEME_OPTION.match(part)):
       joined = exp_flags.join_schemes([parts[-1][len('kv_bits='):], part])
       if len(joined) == 1:
         parts[-1] = 'kv_bits=' + joined[0]
@@ -105,7 +107,7 @@ def parse_variant(label: str) -> tuple[dict, bool]:
           f'Bad part {part!r} of variant {label!r}: write field=value with a field of '
           f'{", ".join(sorted((set(_SPEC_FIELDS) - {"name", "budget"}) | set(FIELD_ALIASES)))}.')
     default = getattr(methods_lib.MethodSpec('headaware', 1), name)
-    kind = type(default) if default is not None else int
+    kind = type(default) if default is not None else (float if name == 'staging' else int)
     try:
       fields[name] = kind(value)
     except ValueError:

@@ -14,15 +14,24 @@ Accepted texts (case-insensitive, whitespace ignored):
 ``16`` ``8`` ``4`` ``2``  every head, keys and values at that width (16 = the cache dtype)
 ``K/V``  e.g. ``4/2``  every head: keys K bits, values V bits (V <= K)
 ``kivi2``              2/2 everywhere with a 128-token full-precision residual (KIVI-2)
-``roles``              by head role: retrieval 8/4, induction 4/2, local 4/2
+``roles``              by head role: retrieval 8/4, induction 4/2, local 4/2; scales per
+                       64 channels, a 16-token residual (see below)
 ``roles:R,I,L``        an explicit role table, e.g. ``roles:8/8,4/2,2/2`` (``8`` = ``8/8``)
 ``avg:T`` / ``avg=T``  a target average of (key + value) / 2 bits, spent on the heads of
                        highest retrieval-reasoning score (see :func:`allocate_bits`)
+``X@group=G,residual=R``  scheme ``X`` with ``G`` channels per scale + zero and an ``R``-token
+                       full-precision residual (either option alone; e.g. ``4/2@group=64``)
 =====================  ===============================================================
 
 Widths are those of :data:`headkv_jax.quantization.SUPPORTED_BITS`; keys never get fewer bits
 than values (keys are the more sensitive side: KIVI, KVTuner). Every scheme keeps a recent
-residual window of ``residual`` tokens per head in full precision (32; KIVI-2: 128).
+residual window of ``residual`` tokens per head in full precision (32; KIVI-2: 128) and stores
+one float16 scale + zero per token and group of ``group`` channels (32, capped at the head
+dimension). Role tables (``roles``, ``roles:R,I,L``) store with :data:`ROLES_GROUP` channels
+per scale and a :data:`ROLES_RESIDUAL`-token residual, the storage that takes ``roles`` past
+60x fewer bytes than a bfloat16 full cache at 20,000 tokens and budget 1,024 (README). The
+``@`` options change either; where they differ from the scheme's defaults they are part of
+its canonical text, so cells that differ in them are different methods in the records.
 """
 
 from __future__ import annotations
@@ -39,6 +48,14 @@ from headkv_jax.quantization import SUPPORTED_BITS
 KINDS = ("uniform", "kivi2", "roles", "avg")
 DEFAULT_RESIDUAL = 32  # full-precision recent tokens per head
 KIVI_RESIDUAL = 128  # KIVI's R
+# Role tables' storage: one scale + zero per 64 channels (a whole SmolLM2 head) and a 16-token
+# residual. On niah_single, seed 1, 20 samples, one-shot, with the default table (2k/128,
+# 2k/256, 4k/128, 4k/256) this scored 20, 15, 13, 13 (group 32 + residual 32: 19, 16, 13, 11;
+# 16-bit pages: 20, 17, 13, 12); at 2k/256 group 64 alone scored 16, residual 16 alone 15,
+# group 64 + residual 20 15 (and 20 at 2k/128). Streamed perplexity at 4k, budget 256: 10.734
+# (16-bit 10.513, +2.1%; group 32 + residual 32: 10.636).
+ROLES_GROUP = 64
+ROLES_RESIDUAL = 16
 # (retrieval, induction, local), each (k, v): keys a width above values where they can be (the
 # sensitive side). Local heads get 4/2, not 2/2: the profile calls 85 of SmolLM2's 90 KV heads
 # local, and head-aware budgets give several of them hundreds of tokens, so they hold most
@@ -54,6 +71,7 @@ FORMS = ("16", "8", "4", "2", "K/V (e.g. 4/2)", "kivi2", "roles", "roles:8/8,4/2
 _ALLOWED = f"allowed: {', '.join(FORMS)}"
 _PAIR = re.compile(r"^(\d+)(?:/(\d+))?$")
 _AVG = re.compile(r"^avg[:=](.+)$")
+OPTIONS = ("group", "residual")  # the ``@`` options of a scheme text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +86,8 @@ class BitScheme:
       :class:`headkv_jax.head_scores.Role`.
     target: ``avg``: the target average of (key + value) / 2 bits, in [2, 16].
     residual: full-precision recent tokens per head (KIVI's R).
+    group: channels per scale + zero of a quantized token (capped at the head dimension);
+      None: the cache's default (32).
   """
 
   text: str
@@ -77,6 +97,7 @@ class BitScheme:
   role_bits: tuple = DEFAULT_ROLE_BITS
   target: float | None = None
   residual: int = DEFAULT_RESIDUAL
+  group: int | None = None
 
   @property
   def needs_profile(self) -> bool:
@@ -131,10 +152,45 @@ def parse_kv_bits(text: str) -> BitScheme:
   if not isinstance(text, str):
     raise ValueError(f"kv_bits must be text, got {text!r}; {_ALLOWED}.")
   t = re.sub(r"\s+", "", text).lower()
+  base, at, tail = t.partition("@")
+  scheme = _parse_base(base, text)
+  if not at:
+    return scheme
+  options = _parse_options(tail, text)
+  if scheme.is_full_precision:
+    raise ValueError(f"kv_bits {text!r}: 16-bit storage quantizes nothing, so it takes no "
+                     f"@ options ({', '.join(OPTIONS)}).")
+  changed = [k for k in OPTIONS if k in options and options[k] != getattr(scheme, k)]
+  if not changed:  # the scheme's own storage: its plain text is canonical
+    return scheme
+  scheme = dataclasses.replace(scheme, **options)
+  opts = [f"{k}={getattr(scheme, k)}" for k in changed]
+  return dataclasses.replace(scheme, text=f"{scheme.text}@{','.join(opts)}")
+
+
+def _parse_options(tail: str, text: str) -> dict:
+  """``'group=64,residual=16'`` -> ``{'group': 64, 'residual': 16}``."""
+  out = {}
+  for part in tail.split(","):
+    name, eq, value = part.partition("=")
+    if name not in OPTIONS or not eq or not value.isdigit() or name in out:
+      raise ValueError(f"kv_bits {text!r}: cannot parse option {part!r}; after '@' give "
+                       f"{' and/or '.join(n + '=<int>' for n in OPTIONS)} once each, e.g. "
+                       f"roles@group=64,residual=16.")
+    out[name] = int(value)
+  if "group" in out and out["group"] < 1:
+    raise ValueError(f"kv_bits {text!r}: group={out['group']} must be >= 1 (channels per "
+                     "scale; it must also divide the model's head_dim).")
+  return out
+
+
+def _parse_base(t: str, text: str) -> BitScheme:
+  """The scheme of ``t``, a lower-cased text without ``@`` options."""
   if t == "kivi2":
     return BitScheme("kivi2", "kivi2", 2, 2, residual=KIVI_RESIDUAL)
+  storage = dict(residual=ROLES_RESIDUAL, group=ROLES_GROUP)
   if t == "roles":
-    return BitScheme("roles", "roles")
+    return BitScheme("roles", "roles", **storage)
   if t.startswith("roles:"):
     parts = t[len("roles:"):].split(",")
     if len(parts) != len(head_scores.Role):
@@ -144,7 +200,7 @@ def parse_kv_bits(text: str) -> BitScheme:
     table = tuple(_pair(p, text) for p in parts)
     canonical = ("roles" if table == DEFAULT_ROLE_BITS
                  else "roles:" + ",".join(_pair_text(p) for p in table))
-    return BitScheme(canonical, "roles", role_bits=table)
+    return BitScheme(canonical, "roles", role_bits=table, **storage)
   match = _AVG.match(t)
   if match:
     try:
@@ -281,6 +337,6 @@ def bits_label(bits) -> str:
   return f"{k}/{v}"
 
 
-__all__ = ["KINDS", "DEFAULT_RESIDUAL", "KIVI_RESIDUAL", "DEFAULT_ROLE_BITS", "AVG_LADDER",
+__all__ = ["KINDS", "DEFAULT_RESIDUAL", "KIVI_RESIDUAL", "ROLES_GROUP", "ROLES_RESIDUAL", "DEFAULT_ROLE_BITS", "AVG_LADDER",
            "AVG_SCORE", "FORMS", "BitScheme", "parse_kv_bits", "allocate_bits", "mean_bits",
            "bits_label"]

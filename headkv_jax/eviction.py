@@ -35,8 +35,31 @@ def _at(table, layer):
   return jnp.asarray(np.asarray(table))[layer]
 
 
+def target_budgets(cache, budgets) -> tuple:
+  """``budgets`` (None: the cache's own) as the static ``[layers][Hkv]`` nested tuple an
+  eviction brings each head to; a head's target may be below its budget (the region stays),
+  never above it.
+
+  Raises:
+    ValueError: another shape, a target above a head's budget, or one the policy refuses.
+  """
+  if budgets is None:
+    return cache.budgets
+  arr = np.asarray(budgets)
+  own = np.asarray(cache.budgets)
+  if arr.shape != own.shape:
+    raise ValueError(f"target budgets must have shape [layers, kv_heads] = {list(own.shape)}, "
+                     f"got {list(arr.shape)}.")
+  if (arr > own).any():
+    l, h = np.argwhere(arr > own)[0]
+    raise ValueError(f"target budget {int(arr[l, h])} of layer {l}, KV head {h} is above the "
+                     f"head's budget {int(own[l, h])}; an eviction can only shrink a head.")
+  cache.policy.check_budgets(arr)
+  return tuple(tuple(int(x) for x in row) for row in arr)
+
+
 def compress(cache, oracle_scores: Sequence[jnp.ndarray] | None = None,
-             headroom: int | None = None):
+             headroom: int | None = None, budgets=None):
   """Evicts every layer of ``cache`` that needs it; see ``PagedKVCache.compress``."""
   policy = cache.policy
   if policy.name == "full":
@@ -45,37 +68,42 @@ def compress(cache, oracle_scores: Sequence[jnp.ndarray] | None = None,
     raise ValueError("policy 'oracle' needs oracle_scores (per layer [B, H, positions]).")
   if headroom is not None and not 0 < headroom <= cache.chunk_size:
     raise ValueError(f"headroom must be in [1, chunk_size={cache.chunk_size}], got {headroom}.")
+  if headroom is not None and budgets is not None:
+    raise ValueError("compress takes headroom (amortised eviction to the budgets) or target "
+                     "budgets, not both.")
+  budgets = target_budgets(cache, budgets)
   oracle = None
   if oracle_scores is not None:
     oracle = jnp.stack([jnp.asarray(o, jnp.float32) for o in oracle_scores])  # [L, B, H, P]
   if _traced(cache, oracle):
-    return _compress(cache, oracle, headroom)
-  return _compress_jit(cache, oracle, headroom)  # eager callers: one compiled program
+    return _compress(cache, oracle, headroom, budgets)
+  return _compress_jit(cache, oracle, headroom, budgets)  # eager callers: one program
 
 
-def _compress(cache, oracle, headroom):
+def _compress(cache, oracle, headroom, budgets):
   # The layers that need it, first; a loop over just those (no lax.cond around the pools:
   # XLA:CPU copied every pool into and out of the taken branch, ~4 ms per evicted layer).
-  need = needs_eviction_all(cache, headroom)  # [L]
+  need = needs_eviction_all(cache, headroom, budgets)  # [L]
   order = jnp.argsort(~need, stable=True).astype(jnp.int32)
 
   def body(i, cache):
     layer = order[i]
-    return evict_layer(cache, layer, None if oracle is None else oracle[layer])
+    return evict_layer(cache, layer, None if oracle is None else oracle[layer], budgets)
 
   return jax.lax.fori_loop(0, jnp.sum(need, dtype=jnp.int32), body, cache)
 
 
-_compress_jit = jax.jit(_compress, static_argnums=2)
+_compress_jit = jax.jit(_compress, static_argnums=(2, 3))
 
 
-def needs_eviction_all(cache, headroom: int | None):
-  """``[L]`` bool, :func:`needs_eviction` of every layer."""
+def needs_eviction_all(cache, headroom: int | None, budgets=None):
+  """``[L]`` bool, :func:`needs_eviction` of every layer (``budgets``: targets, see
+  :func:`target_budgets`; None: the cache's)."""
   n = cache.lengths  # [B, L, Hkv]
   full = jnp.any(n + (headroom or cache.chunk_size) > cache.rooms(), axis=(0, 2))
   if headroom is not None:
     return full
-  budgets = jnp.asarray(np.asarray(cache.budgets), jnp.int32)[None]  # [1, L, Hkv]
+  budgets = jnp.asarray(np.asarray(budgets or cache.budgets), jnp.int32)[None]  # [1, L, Hkv]
   if cache.policy.adaptive:
     over = jnp.any(jnp.sum(n, axis=2) > jnp.sum(budgets, axis=2), axis=0)
   else:
@@ -138,8 +166,9 @@ def view_sizes(max_region: int) -> tuple[int, ...]:
   return tuple(sizes) + (max_region,)
 
 
-def evict_layer(cache, layer, oracle=None):
-  """Applies the policy to one layer (a Python int or traced) -> the new cache.
+def evict_layer(cache, layer, oracle=None, budgets=None):
+  """Applies the policy to one layer (a Python int or traced) -> the new cache, each head
+  brought to its ``budgets`` entry (a static nested tuple; None: the cache's budgets).
 
   The choice (:func:`choose`) ranks the smallest view of :func:`view_sizes` that holds the
   layer's longest head (a ``lax.switch`` over metadata only): a layer of small heads sorts a
@@ -149,16 +178,17 @@ def evict_layer(cache, layer, oracle=None):
   """
   sizes = view_sizes(cache.layout.max_region)
   if len(sizes) == 1:
-    chosen = choose(cache, layer, oracle, sizes[0])
+    chosen = choose(cache, layer, oracle, sizes[0], budgets)
   else:
     which = jnp.sum(jnp.asarray(sizes[:-1]) < jnp.max(cache.lengths[:, layer]))
     chosen = jax.lax.switch(
-        which, [lambda size=size: choose(cache, layer, oracle, size) for size in sizes])
+        which, [lambda size=size: choose(cache, layer, oracle, size, budgets) for size in sizes])
   return move_layer(cache, layer, *chosen)
 
 
-def choose(cache, layer, oracle, size: int):
-  """The policy's choice for ``layer`` over per-head views of ``size`` slots -> ``(src
+def choose(cache, layer, oracle, size: int, budgets=None):
+  """The policy's choice for ``layer`` over per-head views of ``size`` slots, each head
+  brought to its ``budgets`` entry (None: the cache's budgets) -> ``(src
   [B, Hkv, max_region]`` pool slot of each survivor in position order (-1 past them),
   ``new lengths [B, Hkv]``, ``new offsets [B, Hkv]``)."""
   lay = cache.layout
@@ -169,7 +199,7 @@ def choose(cache, layer, oracle, size: int):
     sc = oracle_slot_scores(oracle, pc, cache.num_kv_heads, policy.gqa_reduce)
   else:
     sc = cache.selection_scores(layer, valid, sc, size)
-  keep = policies_lib.select_keep(policy, sc, n, _at(cache.budgets, layer))
+  keep = policies_lib.select_keep(policy, sc, n, _at(budgets or cache.budgets, layer))
   order, new_n = policies_lib.compact(keep)  # [B, Hkv, size], [B, Hkv]
   kept = jnp.arange(size)[None, None, :] < new_n[..., None]
   src = jnp.where(kept, jnp.take_along_axis(idx, order, axis=2), -1)
@@ -208,19 +238,21 @@ def move_layer(cache, layer, src, new_n, off):
                        offsets=cache.offsets.at[:, layer].set(off))
 
 
-def rechunk(cache, chunk_size: int, oracle_scores=None):
-  """``cache`` compressed and re-packed with room for ``chunk_size`` tokens per head (see
-  ``PagedKVCache.rechunk``)."""
+def rechunk(cache, chunk_size: int, oracle_scores=None, budgets=None):
+  """``cache`` compressed (to ``budgets``, see :func:`target_budgets`) and re-packed with room
+  for ``chunk_size`` tokens per head (see ``PagedKVCache.rechunk``)."""
+  budgets = target_budgets(cache, budgets)
   if not _traced(cache, oracle_scores):
-    return _rechunk_jit(cache, chunk_size, oracle_scores)
-  return _rechunk(cache, chunk_size, oracle_scores)
+    return _rechunk_jit(cache, chunk_size, oracle_scores, budgets)
+  return _rechunk(cache, chunk_size, oracle_scores, budgets)
 
 
-def _rechunk(cache, chunk_size: int, oracle_scores=None):
-  cache = cache.compress(oracle_scores)
+def _rechunk(cache, chunk_size: int, oracle_scores=None, budgets=None):
+  budgets = budgets or cache.budgets
+  cache = compress(cache, oracle_scores, budgets=budgets)
   new = type(cache).create(
       cache.num_layers, cache.batch, cache.num_kv_heads, cache.head_dim,
-      np.asarray(cache.budgets), cache.policy, chunk_size=chunk_size, dtype=cache.dtype,
+      np.asarray(budgets), cache.policy, chunk_size=chunk_size, dtype=cache.dtype,
       page_size=cache.page_size, bits=cache.head_bits, quant_group=cache.quant_group,
       residual=cache.residual, fp_sinks=cache.fp_sinks, attention_impl=cache.attention_impl,
       rope=None if cache.rope_inv_freq is None else cache.rope)
@@ -248,8 +280,8 @@ def _rechunk(cache, chunk_size: int, oracle_scores=None):
                      key_channels=cache.key_channels)
 
 
-_rechunk_jit = jax.jit(_rechunk, static_argnums=1)
+_rechunk_jit = jax.jit(_rechunk, static_argnums=(1, 3))
 
 
-__all__ = ["compress", "needs_eviction", "needs_eviction_all", "oracle_slot_scores",
+__all__ = ["target_budgets", "compress", "needs_eviction", "needs_eviction_all", "oracle_slot_scores",
            "view_sizes", "evict_layer", "choose", "move_layer", "rechunk"]

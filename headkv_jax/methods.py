@@ -45,6 +45,10 @@ SCORE_MODES = ("auto",) + policies_lib.SCORE_MODES
 # chunk 512, budget 128, seed 0 (README: 8/10 vs 3/10 for the one-shot defaults).
 CHUNKED_SCORE_MODE = "keydiff_window"
 CHUNKED_POOL_KERNEL = 3
+# What staging=None ("auto") means for a chunked headaware prefill: heads keep up to 4x their
+# budget until the prompt ends. Picked on the same cells (README: 10/10 vs 8/10 at staging 2
+# and 8/10 without staging; one-shot: 10/10).
+CHUNKED_STAGING = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +74,12 @@ class MethodSpec:
       its end (more than one prefill chunk): :meth:`for_prefill`.
     kv_bits: storage precision per KV head, a :func:`headkv_jax.bits.parse_kv_bits` text
       ("16", "8", "4/2", "kivi2", "roles", "avg:3.5", ...); "16" stores the cache dtype.
+    staging: a chunked prefill keeps up to ``staging`` x its budget per head between chunks
+      (capped like the budgets); the eviction after the prompt, whose window holds the
+      question, brings every head to its budget (``models.method_driver``). 1 = every chunk
+      evicts to the budget. Prefill then holds more than the budget (records:
+      ``prefill_cache_bytes``); decoding holds the budget. None ("auto"):
+      :data:`CHUNKED_STAGING` for a chunked ``headaware`` prefill, else 1 (:meth:`for_prefill`).
   """
 
   name: str
@@ -85,6 +95,7 @@ class MethodSpec:
   position_mode: str = "original"
   kv_bits: str = "16"
   score_mode: str = "auto"
+  staging: float | None = None
 
   def __post_init__(self):
     if self.name not in METHODS:
@@ -98,6 +109,11 @@ class MethodSpec:
       raise ValueError(
           f"Unknown scope {self.scope!r}; allowed: {', '.join(allocation_lib.SCOPES)}.")
     bits_lib.parse_kv_bits(self.kv_bits)  # raises naming the text and the allowed forms
+    if self.staging is not None and not (isinstance(self.staging, (int, float))
+                                         and self.staging >= 1):
+      raise ValueError(f"staging={self.staging!r} must be a number >= 1 (1 = every prefill "
+                       "chunk evicts to the budget; 2 = heads keep up to twice their budget "
+                       "until the prompt ends).")
     if self.score_mode not in SCORE_MODES:
       raise ValueError(f"Unknown score_mode {self.score_mode!r}; allowed: "
                        f"{', '.join(SCORE_MODES)}.")
@@ -107,23 +123,29 @@ class MethodSpec:
     return bits_lib.parse_kv_bits(self.kv_bits)
 
   def for_prefill(self, chunked: bool) -> "MethodSpec":
-    """This spec with ``score_mode="auto"`` made concrete for a prefill that is ``chunked``
-    (the prompt compressed before its end, so before its question) or not.
+    """This spec with ``score_mode="auto"`` and ``staging=None`` made concrete for a prefill
+    that is ``chunked`` (the prompt compressed before its end, so before its question) or not.
 
     A one-shot eviction ranks by the observation window, which holds the question ("latest",
     SnapKV). A chunked ``headaware`` prefill ranks by :data:`CHUNKED_SCORE_MODE` with pool
     kernel :data:`CHUNKED_POOL_KERNEL` unless the spec sets one: the windows of the chunks
     before the question never look at a needle, a key's novelty does (README: "Head-aware
     defaults"). The other methods stay the papers' ("latest"). Once the prompt is in,
-    decoding ranks by "latest" (``models.method_driver.rechunk_for_decoding``).
+    decoding ranks by "latest" (``models.method_driver.rechunk_for_decoding``). Likewise a
+    chunked ``headaware`` prefill keeps :data:`CHUNKED_STAGING` x its budgets until the prompt
+    ends unless the spec sets ``staging``; everything else evicts to the budget (1).
     """
-    if self.score_mode != "auto":
-      return self
+    spec = self
+    if spec.staging is None:
+      staged = chunked and self.name == "headaware"
+      spec = dataclasses.replace(spec, staging=CHUNKED_STAGING if staged else 1.0)
+    if spec.score_mode != "auto":
+      return spec
     if chunked and self.name == "headaware":
       return dataclasses.replace(
-          self, score_mode=CHUNKED_SCORE_MODE,
+          spec, score_mode=CHUNKED_SCORE_MODE,
           pool_kernel=CHUNKED_POOL_KERNEL if self.pool_kernel is None else self.pool_kernel)
-    return dataclasses.replace(self, score_mode="latest")
+    return dataclasses.replace(spec, score_mode="latest")
 
   def policy(self) -> policies_lib.Policy:
     """The policy of this spec (``score_mode="auto"``: the one-shot one, "latest")."""
@@ -192,6 +214,7 @@ class CachePlan:
     budgets: ``[layers][Hkv]`` tokens per head after a compression; None for the dense cache.
     bits: ``[layers][Hkv][2]`` storage bits per head; None for the dense cache.
     residual: full-precision recent tokens of a quantized head (None: the cache default).
+    quant_group: channels per scale + zero of a quantized token (None: the cache default).
   """
 
   spec: MethodSpec
@@ -200,6 +223,7 @@ class CachePlan:
   budgets: tuple | None = None
   bits: tuple | None = None
   residual: int | None = None
+  quant_group: int | None = None
 
   @property
   def dense(self) -> bool:
@@ -222,6 +246,8 @@ class CachePlan:
     out = dict(bits=np.asarray(self.bits))
     if self.residual is not None:
       out["residual"] = self.residual
+    if self.quant_group is not None:
+      out["quant_group"] = self.quant_group
     return out
 
 
@@ -249,7 +275,7 @@ def plan_cache(spec: MethodSpec, num_layers: int, num_kv_heads: int, *, max_len:
   bits = bits_lib.allocate_bits(scheme, num_layers, num_kv_heads, profile=profile,
                                 weights=budgets)
   return CachePlan(spec, num_layers, num_kv_heads, _nested(budgets), _nested(bits),
-                   scheme.residual)
+                   scheme.residual, scheme.group)
 
 
 def make_cache(spec: MethodSpec, *, num_layers: int, num_kv_heads: int, head_dim: int,

@@ -215,8 +215,8 @@ class PagedKVCache:
       page_size: slots per page.
       bits: None (all 16), ``[layers, Hkv]`` (keys = values) or ``[layers, Hkv, 2]``
         (key bits, value bits), in {16, 8, 4, 2}, keys never fewer than values.
-      quant_group: channels per scale of a quantized token (divides ``head_dim``; default
-        ``min(QUANT_GROUP, head_dim)``).
+      quant_group: channels per scale of a quantized token (default :data:`QUANT_GROUP`),
+        capped at ``head_dim`` (a larger group is one scale per token); it must divide it.
       residual, fp_sinks: recent / first tokens a quantized head keeps in ``dtype``; the
         residual is capped so the window never exceeds the smallest budget.
       attention_impl: "auto" (default), "pallas" or "xla" (see the class docstring).
@@ -226,8 +226,7 @@ class PagedKVCache:
     kernel_decode.check_impl(attention_impl)
     if isinstance(policy, str):
       policy = policies_lib.make_policy(policy)
-    if quant_group is None:
-      quant_group = min(QUANT_GROUP, int(head_dim))
+    quant_group = min(QUANT_GROUP if quant_group is None else int(quant_group), int(head_dim))
     for name, value in (("chunk_size", chunk_size), ("page_size", page_size),
                         ("num_layers", num_layers), ("batch", batch),
                         ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
@@ -659,11 +658,14 @@ class PagedKVCache:
     if observed is not None:
       lse = jnp.where(jnp.repeat(observed, group, axis=1)[:, None, :],
                       attention.row_lse(m, l), jnp.inf)  # [B, Hkv, T * G]
+      # A row this call observes nothing of (its prompt ended in an earlier chunk) keeps its
+      # scores: "latest" replaces them only with a window that exists.
+      seen = jnp.any(observed, axis=1)  # [B]
       if logits is not None:
-        cache = cache._scores_from_logits(layer, logits[..., self._tile_size():], lse)
+        cache = cache._scores_from_logits(layer, logits[..., self._tile_size():], lse, seen)
       else:
         for c in self._layer_classes(layer):
-          cache = cache._collect_scores(layer, c, q_rows, q_pos_rows, lse, rope, group)
+          cache = cache._collect_scores(layer, c, q_rows, q_pos_rows, lse, rope, group, seen)
       sums = attention.causal_key_sums(qr, k_t, positions, lse)  # [B, Hkv, G, T]
       new_scores = policies_lib.reduce_group(sums, self.policy.gqa_reduce, axis=2)
     return out, cache._write(layer, k_store, vt, positions, new_scores)
@@ -781,11 +783,11 @@ class PagedKVCache:
                                            record=(keep, logits))
     return part, logits
 
-  def _scores_from_logits(self, layer, logits, lse) -> "PagedKVCache":
+  def _scores_from_logits(self, layer, logits, lse, seen) -> "PagedKVCache":
     """A decode step's statistic from the slot logits :meth:`_attend_pool` recorded
     (``[B, Hkv, G, N]``) and the merged row log-sum-exps ``lse [B, Hkv, G]`` (+inf on rows
-    the policy does not observe): written to every held slot's score, as
-    :meth:`_collect_scores` would."""
+    the policy does not observe): written to every held slot's score of the batch rows
+    ``seen [B]``, as :meth:`_collect_scores` would."""
     per = policies_lib.reduce_group(jnp.exp(logits - lse[..., None]), self.policy.gqa_reduce,
                                     axis=2)  # [B, Hkv, N]
     size = per.shape[-1]
@@ -795,7 +797,7 @@ class PagedKVCache:
     for c in self._layer_classes(layer):
       pool = self.pools[c]
       num_slots = pool.positions.shape[1]
-      ok = valid & self.members(layer, c)[None, :, None]
+      ok = valid & self.members(layer, c)[None, :, None] & seen[:, None, None]
       value = per
       if self.policy.accumulates:
         value = per + slot_pool.gather(pool.scores, jnp.minimum(idx, num_slots - 1))
@@ -803,11 +805,12 @@ class PagedKVCache:
       cache = cache._with_pool(c, pool.replace(scores=scores))
     return cache
 
-  def _collect_scores(self, layer, c, q_rows, q_pos_rows, lse, rope,
-                      group: int) -> "PagedKVCache":
+  def _collect_scores(self, layer, c, q_rows, q_pos_rows, lse, rope, group: int,
+                      seen) -> "PagedKVCache":
     """The policy's statistic of ``layer``'s class-``c`` slots from this call's observed
     queries (``lse`` = +inf elsewhere): replaces (SnapKV) or adds to (H2O, "accumulate")
-    each held slot's score in its pool."""
+    each held slot's score in its pool, in the batch rows ``seen [B]`` (a row with no
+    observed query keeps its scores)."""
     q_pos = q_pos_rows[:, None, :, None]
     ks = self._key_channels(layer, c)
     pool = self.pools[c]
@@ -822,7 +825,7 @@ class PagedKVCache:
         kb, _, mask = self._read_tile(c, tile, size, fp, ks, q_pos, rope, values=False)
         part = attention.tile_key_sums(q_rows, kb, mask, lse, group)
         per = policies_lib.reduce_group(part, self.policy.gqa_reduce, axis=2)  # [B, Hkv, size]
-        target = jnp.where(valid, idx, num_slots)
+        target = jnp.where(valid & seen[:, None, None], idx, num_slots)
         if accumulates:
           per = per + slot_pool.gather(scores, jnp.minimum(idx, num_slots - 1))
         return slot_pool.scatter(scores, target, per)
@@ -893,7 +896,8 @@ class PagedKVCache:
 
   # ---- eviction ----------------------------------------------------------------------------
 
-  def compress(self, oracle_scores=None, *, headroom: int | None = None) -> "PagedKVCache":
+  def compress(self, oracle_scores=None, *, headroom: int | None = None,
+               budgets=None) -> "PagedKVCache":
     """Evicts every head back to its budget (policy's choice), survivors in position order.
 
     Heads within budget keep everything (adakv: layers within their total). A layer where no
@@ -907,20 +911,25 @@ class PagedKVCache:
         only when one of its heads could not take ``n`` more tokens: decoding with
         ``headroom=1`` amortises eviction, and heads hold up to their region (budget +
         ``chunk_size``, page rounded) in between.
+      budgets: ``[layers, Hkv]`` targets at or below the budgets (None: the budgets): every
+        head over its target is evicted to it (the region keeps its size). A chunked prefill
+        with staging budgets ends this way (:meth:`rechunk`).
     """
-    return eviction.compress(self, oracle_scores, headroom)
+    return eviction.compress(self, oracle_scores, headroom, budgets)
 
   evict = compress
 
-  def rechunk(self, chunk_size: int, oracle_scores=None) -> "PagedKVCache":
+  def rechunk(self, chunk_size: int, oracle_scores=None, budgets=None) -> "PagedKVCache":
     """This cache re-packed into pools with room for ``chunk_size`` new tokens per head.
 
     Prefill in chunks of C needs ``budget + C`` slots per head; decoding needs one. Call
     ``cache.rechunk(1)`` after prefill so the bytes held while decoding are the budgets'
     bytes, not the prefill chunk's. Heads are compressed to their budgets first (the oracle
     needs its ``oracle_scores``, as in :meth:`compress`); codes move with their scales.
+    ``budgets`` (``[layers, Hkv]``, at or below the budgets) makes them the new cache's
+    budgets: a prefill that kept staging budgets between its chunks ends at the method's.
     """
-    return eviction.rechunk(self, chunk_size, oracle_scores)
+    return eviction.rechunk(self, chunk_size, oracle_scores, budgets)
 
 
 _attend_jit = jax.jit(lambda cache, *args: cache._attend(*args))  # pylint: disable=protected-access

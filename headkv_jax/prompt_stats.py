@@ -174,7 +174,8 @@ class RecordingCache:
 
 def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Policy, *,
                     decode_chunk: int | None = None, page_size: int = 16, bits=None,
-                    residual: int | None = None, rope=None) -> PagedKVCache:
+                    residual: int | None = None, quant_group: int | None = None,
+                    rope=None) -> PagedKVCache:
   """The compressed cache ``policy`` keeps of a one-shot prefill, ready for decoding.
 
   Args:
@@ -186,6 +187,7 @@ def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Poli
     page_size: slots per page.
     bits: per-head storage bits as ``PagedKVCache.create`` takes them (None: 16).
     residual: full-precision recent tokens of a quantized head (None: the cache default).
+    quant_group: channels per scale + zero of a quantized token (None: the cache default).
     rope: the model's RoPE (the KeyDiff score modes need it; see ``PagedKVCache.create``).
 
   Returns:
@@ -205,7 +207,7 @@ def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Poli
   t = recorded.accumulated[0].shape[-1]  # tokens of the recorded call
   cache = PagedKVCache.create(len(layers), b, hkv, d, budgets, policy, chunk_size=t,
                               dtype=layers[0].k.dtype, page_size=page_size, bits=bits,
-                              rope=rope,
+                              rope=rope, quant_group=quant_group,
                               **({} if residual is None else {'residual': residual}))
   # Every layer's recording stacked, so one compiled loop body appends any layer.
   stack = lambda xs: jnp.stack(list(xs))

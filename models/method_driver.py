@@ -22,7 +22,11 @@ What runs where:
   ``models.shared_prefill`` reuses one such prefill for many methods.
 * otherwise the paged cache with room for one prefill chunk, compressed after every chunk and
   re-packed for decoding after the prompt (``rechunk(page_size)``: room for a page of new
-  tokens per head).
+  tokens per head). With ``spec.staging > 1`` the prefill cache has *staging budgets*
+  (:func:`staging_budgets`: each head's budget times ``staging``, capped like the budgets):
+  the chunks, compressed before the question arrives, evict only down to those, and the
+  eviction after the prompt, whose observation window holds the question, ranks by that
+  window (SnapKV's "latest", the one-shot pool kernel) and brings every head to its budget.
 * while decoding, eviction is amortised (:func:`evict_while_decoding`): a layer evicts only
   when one of its heads has no room for the next token, so a head holds between its budget and
   its region (budget + one to two pages: ``round_up(budget + page, page)``); H2O's scores still accumulate every step, and
@@ -42,6 +46,7 @@ import jax
 import numpy as np
 
 from headkv_jax import methods as methods_lib
+from headkv_jax import paged_cache
 from headkv_jax import prompt_stats
 from headkv_jax.dense_cache import DenseKVCache
 from headkv_jax.jit import jit
@@ -94,6 +99,24 @@ def rolled_budget_cap(spec: methods_lib.MethodSpec, config, max_len: int, chunk:
   return cap
 
 
+def staging_budgets(plan: methods_lib.CachePlan, cap: int) -> tuple:
+  """The budgets a chunked prefill of ``plan`` keeps between its chunks: each head's budget
+  times ``plan.spec.staging``, rounded up, at most ``cap`` (the plan's own cap), never below
+  the budget; a static ``[layers][Hkv]`` nested tuple."""
+  budgets = np.asarray(plan.budgets, np.int64)
+  staged = np.ceil(budgets * float(plan.spec.staging)).astype(np.int64)
+  staged = np.maximum(np.minimum(staged, cap), budgets)
+  return tuple(tuple(int(x) for x in row) for row in staged)
+
+
+def final_policy(spec: methods_lib.MethodSpec):
+  """The policy of the eviction after a staged chunked prefill of ``spec`` (as given, before
+  ``resolve_spec``): its one-shot policy (``score_mode="auto"`` -> "latest" with the
+  method's pool kernel), ranking by the last chunk's observation window, which holds the
+  question, as a one-shot eviction does. An explicit ``score_mode`` is kept."""
+  return spec.for_prefill(False).policy()
+
+
 def record_window(specs) -> int:
   """How many last queries a recording prefill must keep for ``specs`` (their largest
   SnapKV-style observation window; 0 when none needs one)."""
@@ -123,6 +146,9 @@ class MethodDriver:
     prefill_chunk: most tokens one prefill call adds (the bucketed prompt for one shot).
     one_shot: the prompt is prefilled in one call (``chunk_size=None``).
     oracle_scores: the oracle's per-layer ``[B, Hq or Hkv, P]`` answer attention by position.
+    staging: the prefill cache's budgets (:func:`staging_budgets`) when they differ from the
+      plan's (a chunked prefill with ``spec.staging > 1``); None otherwise.
+    final: the policy of the eviction after a staged prefill (:func:`final_policy`).
   """
 
   plan: methods_lib.CachePlan
@@ -131,6 +157,8 @@ class MethodDriver:
   prefill_chunk: int
   one_shot: bool
   oracle_scores: tuple | None = dataclasses.field(default=None, compare=False)
+  staging: tuple | None = None
+  final: Any = None
 
   @classmethod
   def create(cls, spec: methods_lib.MethodSpec, config, *, prompt_len: int,
@@ -159,14 +187,20 @@ class MethodDriver:
       raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     padded = generation.bucket(prompt_len)
     chunk = padded if chunk_size is None else min(chunk_size, padded)
-    spec = resolve_spec(spec, prompt_len, chunk_size)
+    given, spec = spec, resolve_spec(spec, prompt_len, chunk_size)
     cap = generation.budget_cap(prompt_len, max_new_tokens)
     if spec.position_mode == "cache_relative":
       cap = rolled_budget_cap(spec, config, cap, chunk)
     plan = methods_lib.plan_cache(spec, config.num_layers, config.num_kv_heads, max_len=cap,
                                   profile=profile)
     scores = None if oracle_scores is None else tuple(oracle_scores)
-    return cls(plan, config, dtype, chunk, chunk_size is None, scores)
+    staging = final = None
+    if not plan.dense and chunk < padded and spec.name != "oracle" and spec.staging > 1:
+      staging = staging_budgets(plan, cap)
+      final = final_policy(given)
+      if staging == plan.budgets:
+        staging = final = None
+    return cls(plan, config, dtype, chunk, chunk_size is None, scores, staging, final)
 
   @property
   def spec(self) -> methods_lib.MethodSpec:
@@ -185,9 +219,16 @@ class MethodDriver:
     if self.records_prefill:
       window = record_window([self.spec])
       return recording_cache_maker(self.config, self.dtype, window)(batch, capacity)
-    return self.plan.create(batch=batch, head_dim=self.config.head_dim, capacity=capacity,
-                            chunk_size=self.prefill_chunk, dtype=self.dtype,
-                            rope=self.config.make_rope())
+    plan = self.plan
+    if self.staging is not None:
+      # The prefill keeps the final cache's full-precision residual (capped by the smallest
+      # final budget), so the window moves unchanged when the prompt ends.
+      residual = plan.residual if plan.residual is not None else paged_cache.RESIDUAL
+      residual = min(residual, int(np.min(plan.budgets)) - paged_cache.FP_SINKS)
+      plan = dataclasses.replace(plan, budgets=self.staging, residual=max(residual, 0))
+    return plan.create(batch=batch, head_dim=self.config.head_dim, capacity=capacity,
+                       chunk_size=self.prefill_chunk, dtype=self.dtype,
+                       rope=self.config.make_rope())
 
   def compress_recorded(self, recorded: prompt_stats.RecordingCache):
     """The paged cache this method keeps of a recorded one-shot prefill, ready to decode
@@ -218,6 +259,9 @@ class MethodDriver:
       return self.compress_recorded
     if self.oracle_scores is not None:
       return functools.partial(_oracle_rechunk, scores=self.oracle_scores)
+    if self.staging is not None:
+      return functools.partial(rechunk_for_decoding, budgets=self.plan.budgets,
+                               policy=self.final)
     return rechunk_for_decoding
 
   @property
@@ -267,10 +311,13 @@ def compress_chunk(cache):
   return cache.compress()
 
 
-@jit  # no donation: the re-packed pools have other shapes
-def rechunk_for_decoding(cache):
+@jit(static_argnames=("budgets", "policy"))  # no donation: the re-packed pools have other shapes
+def rechunk_for_decoding(cache, budgets=None, policy=None):
   """After the prompt: pools re-packed with room for a page of new tokens per head (so a
   head evicts at most once per page of decoded tokens).
+
+  ``budgets`` / ``policy`` (static): the final budgets and ranking of a prefill that kept
+  staging budgets (:func:`staging_budgets`, :func:`final_policy`).
 
   A KeyDiff score mode (the question-agnostic ranking of a chunked prefill) is for the
   prompt's chunks, which come before the question; while decoding the question has been
@@ -279,7 +326,9 @@ def rechunk_for_decoding(cache):
   (on the embedded model at 4,000 tokens, budget 1024: ~20 ms per evicted layer, against
   ~3-8 ms).
   """
-  cache = cache.rechunk(cache.page_size)
+  if policy is not None:
+    cache = cache.replace(policy=policy)
+  cache = cache.rechunk(cache.page_size, budgets=budgets)
   if cache.policy.uses_novelty:
     cache = cache.replace(policy=dataclasses.replace(cache.policy, score_mode="latest"))
   return cache
@@ -303,6 +352,6 @@ def _compress_recorded(recorded, plan: methods_lib.CachePlan, inv_freq: tuple):
 
 
 __all__ = ["MethodDriver", "method_hooks", "supports_shared_prefill", "resolve_spec",
-           "rolled_budget_cap",
+           "rolled_budget_cap", "staging_budgets", "final_policy",
            "record_window", "recording_cache_maker", "evict_while_decoding", "compress_chunk",
            "rechunk_for_decoding"]

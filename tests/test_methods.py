@@ -1,5 +1,7 @@
 """Methods by name: budgets from a spec, caches the model decodes with, rechunking."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,7 +166,8 @@ def test_auto_score_mode_is_keydiff_window_only_for_chunked_headaware():
   assert resolve_spec(snap, 300, 128).score_mode == "latest"
   assert resolve_spec(methods.MethodSpec("headaware", 64, pool_kernel=9), 300, 128).pool_kernel == 9
   explicit = methods.MethodSpec("headaware", 64, score_mode="accumulate")
-  assert resolve_spec(explicit, 300, 128) == explicit
+  assert resolve_spec(explicit, 300, 128) == dataclasses.replace(explicit, staging=4.0)
+  assert resolve_spec(dataclasses.replace(explicit, staging=2), 300, 128).staging == 2
   profile = tiny_models.tiny_profile(0, [[0, 1]] * CFG.num_layers)
   driver = MethodDriver.create(ha, CFG, prompt_len=300, max_new_tokens=4, chunk_size=128,
                                dtype=np.float32, profile=profile)
@@ -281,3 +284,79 @@ def test_rolled_positions_past_the_context_need_small_chunks():
   with pytest.raises(ValueError, match="'full' keeps every token"):
     method_hooks(methods.MethodSpec("full", kv_bits="4", position_mode="cache_relative"), cfg,
                  prompt_len=150, max_new_tokens=8, chunk_size=16, dtype=np.float32)
+
+
+def test_rechunk_to_target_budgets_keeps_what_a_cache_of_those_budgets_keeps():
+  """``rechunk(..., budgets=...)`` of a cache with larger (staging) budgets keeps, for every
+  head, exactly the tokens a cache created with the target budgets keeps after the same
+  chunk (both rank the same window scores over the same held tokens); targets above a
+  head's budget or of another shape are refused by name."""
+  rng = np.random.RandomState(5)
+  rope = CFG.make_rope()
+  target = np.array([[40, 36], [32, 48]])
+  q = jnp.asarray(rng.randn(1, 64, 4, 8), jnp.float32)
+  kv = jnp.asarray(rng.randn(1, 64, 2, 8), jnp.float32)
+  pos = jnp.arange(64, dtype=jnp.int32)[None]
+  kept = []
+  for budgets, to in ((target * 2, target), (target, None)):
+    cache = PagedKVCache.create(2, 1, 2, 8, budgets, "snapkv", chunk_size=64)
+    for layer in range(2):
+      _, cache = cache.attend(layer, q, kv, kv, pos, rope)
+    small = cache.rechunk(1, budgets=to)
+    assert np.asarray(small.budgets).tolist() == target.tolist()
+    np.testing.assert_array_equal(np.asarray(small.lengths[0]), np.minimum(target, 64))
+    kept.append([np.sort(np.asarray(small.view(layer)[2]), axis=-1) for layer in range(2)])
+  for a, b in zip(*kept):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="target budget 80 of layer 0, KV head 0 is above"):
+    small.rechunk(1, budgets=target * 2)
+  with pytest.raises(ValueError, match=r"shape \[layers, kv_heads\] = \[2, 2\], got \[2\]"):
+    small.compress(budgets=[40, 36])
+
+
+@pytest.mark.parametrize("name", ["snapkv", "headaware"])
+def test_staging_budgets_that_hold_the_prompt_decode_as_one_shot(runner, name):
+  """A chunked prefill whose staging budgets hold the whole prompt evicts nothing until the
+  prompt ends; then it ranks by the last chunk's window (the prompt's last queries, as
+  one-shot eviction does) down to the budgets: the tokens of one-shot eviction, and a decode
+  cache of the plain budgets. staging=1 is the plain chunked prefill."""
+  from models.method_driver import MethodDriver
+  profile = tiny_models.tiny_profile(0, [[0, 2], [1, 2], [2, 0]])
+  prompts = _prompts()
+
+  def run(spec, chunk):
+    driver = MethodDriver.create(spec, CFG, prompt_len=150, max_new_tokens=8, chunk_size=chunk,
+                                 dtype=np.float32, profile=profile)
+    return driver, generate(runner, prompts, 8, eos_ids=[], **driver.generate_kwargs())
+
+  spec = methods.MethodSpec(name, 48)
+  _, one_shot = run(spec, None)
+  driver, staged = run(dataclasses.replace(spec, staging=8), 50)
+  assert np.asarray(driver.staging).min() >= 150 + 8  # capped at prompt bucket + new tokens
+  assert staged.tokens == one_shot.tokens
+  assert staged.cache.budgets == driver.plan.budgets
+  counts = np.asarray(staged.cache.token_counts())
+  assert counts.max() <= np.asarray(driver.plan.budgets).max() + staged.cache.page_size
+  plain, _ = run(dataclasses.replace(spec, staging=1), 50)
+  assert plain.staging is None and plain.final is None
+  auto, _ = run(spec, 50)  # staging=None: 4x for chunked headaware, 1 for the others
+  assert auto.spec.staging == (methods.CHUNKED_STAGING if name == "headaware" else 1.0)
+  assert (auto.staging is not None) == (name == "headaware")
+  assert run(spec, None)[0].spec.staging == 1.0
+  with pytest.raises(ValueError, match="staging=0.5 must be a number >= 1"):
+    methods.MethodSpec(name, 48, staging=0.5)
+
+
+def test_scheme_options_reach_the_cache():
+  """`@group=G,residual=R` of a --kv_bits text size the cache: G channels per scale + zero
+  (a smaller group holds more scale bytes) and an R-token full-precision residual."""
+  kw = dict(num_layers=CFG.num_layers, num_kv_heads=2, head_dim=8, batch=1, capacity=200,
+            chunk_size=16)
+  caches = {g: methods.make_cache(methods.MethodSpec("snapkv", 64,
+                                                     kv_bits=f"4/2@group={g},residual=8"),
+                                  **kw) for g in (4, 8)}
+  assert {g: (c.quant_group, c.residual) for g, c in caches.items()} == {4: (4, 8), 8: (8, 8)}
+  assert caches[4].nbytes > caches[8].nbytes
+  assert caches[4].effective_bits > caches[8].effective_bits
+  with pytest.raises(ValueError, match="quant_group=3 must divide head_dim=8"):
+    methods.make_cache(methods.MethodSpec("snapkv", 64, kv_bits="4@group=3"), **kw)

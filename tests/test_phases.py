@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from experiments import flags as exp_flags
 from experiments import grid
 from experiments import phase0
 from experiments import phase1
@@ -183,6 +184,13 @@ def test_kv_bits_reach_the_cells():
   assert bits_lib.parse_kv_bits(cell.spec.kv_bits).role_bits == ((8, 8), (4, 2), (2, 2))
   assert phase3.variant_cell('headaware[kv_bits=avg:3]', 64, 'passkey', 500).spec.kv_bits \
       in ('avg:3', 'avg:3.0')
+  cell = phase3.variant_cell('headaware[kv_bits=roles@group=64,residual=16,staging=2]', 64,
+                             'passkey', 500)
+  assert (cell.spec.kv_bits, cell.spec.staging) == ('roles@group=64,residual=16', 2.0)
+  assert exp_flags.join_schemes(['16', 'roles@group=64', 'residual=16', 'roles:8/4', '4/2',
+                                 '2/2@residual=8', 'avg:3']) == [
+                                     '16', 'roles@group=64,residual=16',
+                                     'roles:8/4,4/2,2/2@residual=8', 'avg:3']
   for bad, match in (('4/8', 'K >= V'), ('3', 'allowed widths'), ('avg:1', 'outside')):
     with pytest.raises(app.UsageError, match=match):
       grid.Settings(kv_bits=bad)
@@ -344,8 +352,9 @@ def test_shared_prefill_records_equal_separate_runs(model, profile_path, tmp_pat
       assert 'shared_prefill' not in r and r['perplexity'] == a[k]['perplexity']
     else:
       assert r['shared_prefill'] and r['status'] == 'ok', r
-      for field in ('generated', 'accuracy', 'cache_bytes', 'kv_tokens_mean'):
-        assert r[field] == a[k][field], (k, field)
+      for field in ('generated', 'accuracy', 'cache_bytes', 'kv_tokens_mean', 'score_mode',
+                    'staging'):
+        assert r.get(field) == a[k].get(field), (k, field)
   with pytest.raises(app.UsageError, match='chunk_size'):
     phase2.run(dataclasses.replace(shared, chunk_size=128, overwrite=True), runner=runner,
                tokenizer=tokenizer, progress=False)

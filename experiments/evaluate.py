@@ -78,8 +78,7 @@ def evaluate_from_shared(runner: ModelRunner, tokenizer, sample, shared, spec, *
   """
   out = shared_prefill.generate_from(runner, shared, spec, profile=profile)
   return {**_answer_record(runner, tokenizer, sample, out, max_new_tokens),
-          **_prefill_fields(spec.for_prefill(False),
-                            spec.name == "full" and spec.bit_scheme.is_full_precision),
+          **_prefill_fields(spec.for_prefill(False), spec.dense),
           "shared_prefill": True, "shared_prefill_s": shared.prefill_s}
 
 

@@ -158,4 +158,10 @@ def as_bits(bits, shape) -> np.ndarray:
   return bits.astype(np.int64)
 
 
-__all__ = ["Layout", "layout", "as_bits"]
+def nested_ints(array) -> tuple:
+  """A nested tuple of ints (hashable, so a static argument of a compiled function) from an
+  int array, e.g. per-head budgets ``[layers, Hkv]`` or bits ``[layers, Hkv, 2]``."""
+  return tuple(map(nested_ints, array)) if np.ndim(array) else int(array)
+
+
+__all__ = ["Layout", "layout", "as_bits", "nested_ints"]

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from headkv_jax import cache_layout
 from headkv_jax import policies as policies_lib
 from headkv_jax import slot_pool
 from headkv_jax import slot_store
@@ -55,7 +56,7 @@ def target_budgets(cache, budgets) -> tuple:
     raise ValueError(f"target budget {int(arr[l, h])} of layer {l}, KV head {h} is above the "
                      f"head's budget {int(own[l, h])}; an eviction can only shrink a head.")
   cache.policy.check_budgets(arr)
-  return tuple(tuple(int(x) for x in row) for row in arr)
+  return cache_layout.nested_ints(arr)
 
 
 def compress(cache, oracle_scores: Sequence[jnp.ndarray] | None = None,
@@ -242,6 +243,13 @@ def rechunk(cache, chunk_size: int, oracle_scores=None, budgets=None):
   """``cache`` compressed (to ``budgets``, see :func:`target_budgets`) and re-packed with room
   for ``chunk_size`` tokens per head (see ``PagedKVCache.rechunk``)."""
   budgets = target_budgets(cache, budgets)
+  fp_room = int(np.min(budgets)) - cache.fp_sinks
+  if cache.residual > fp_room and any(p != (16, 16) for p in cache.layout.pairs):
+    raise ValueError(
+        f"target budgets down to {int(np.min(budgets))} leave room for a full-precision "
+        f"residual of {max(fp_room, 0)} tokens, below this cache's {cache.residual}: its "
+        "window could not move to the re-packed cache; create the cache with "
+        f"residual <= {max(fp_room, 0)}.")
   if not _traced(cache, oracle_scores):
     return _rechunk_jit(cache, chunk_size, oracle_scores, budgets)
   return _rechunk(cache, chunk_size, oracle_scores, budgets)
@@ -283,5 +291,5 @@ def _rechunk(cache, chunk_size: int, oracle_scores=None, budgets=None):
 _rechunk_jit = jax.jit(_rechunk, static_argnums=(1, 3))
 
 
-__all__ = ["target_budgets", "compress", "needs_eviction", "needs_eviction_all", "oracle_slot_scores",
-           "view_sizes", "evict_layer", "choose", "move_layer", "rechunk"]
+__all__ = ["target_budgets", "compress", "needs_eviction", "needs_eviction_all",
+           "oracle_slot_scores", "view_sizes", "evict_layer", "choose", "move_layer", "rechunk"]

@@ -29,6 +29,7 @@ import numpy as np
 from headkv_jax import allocation as allocation_lib
 from headkv_jax import bits as bits_lib
 from headkv_jax import policies as policies_lib
+from headkv_jax.cache_layout import nested_ints
 from headkv_jax.dense_cache import DenseKVCache
 from headkv_jax.paged_cache import PagedKVCache
 from headkv_jax.profile import HeadProfile
@@ -121,6 +122,12 @@ class MethodSpec:
   @property
   def bit_scheme(self) -> bits_lib.BitScheme:
     return bits_lib.parse_kv_bits(self.kv_bits)
+
+  @property
+  def dense(self) -> bool:
+    """Whether this method runs on the dense cache: ``full`` at 16 bits (nothing evicted,
+    nothing quantized); every other spec gets a paged cache."""
+    return self.name == "full" and self.bit_scheme.is_full_precision
 
   def for_prefill(self, chunked: bool) -> "MethodSpec":
     """This spec with ``score_mode="auto"`` and ``staging=None`` made concrete for a prefill
@@ -251,11 +258,6 @@ class CachePlan:
     return out
 
 
-def _nested(array) -> tuple:
-  """A nested tuple of ints (hashable) from an int array."""
-  return tuple(map(_nested, array)) if np.ndim(array) else int(array)
-
-
 def plan_cache(spec: MethodSpec, num_layers: int, num_kv_heads: int, *, max_len: int,
                profile: HeadProfile | None = None) -> CachePlan:
   """The cache ``spec`` needs on a model of ``num_layers`` x ``num_kv_heads`` KV heads.
@@ -265,7 +267,7 @@ def plan_cache(spec: MethodSpec, num_layers: int, num_kv_heads: int, *, max_len:
   budgets hold all ``max_len`` tokens. ``avg:`` bit targets are weighed by the budgets (an
   average over stored tokens).
   """
-  if spec.name == "full" and spec.bit_scheme.is_full_precision:
+  if spec.dense:
     return CachePlan(spec, num_layers, num_kv_heads)
   if spec.name == "full":
     budgets = np.full((num_layers, num_kv_heads), max_len, np.int32)
@@ -274,7 +276,7 @@ def plan_cache(spec: MethodSpec, num_layers: int, num_kv_heads: int, *, max_len:
   scheme = spec.bit_scheme
   bits = bits_lib.allocate_bits(scheme, num_layers, num_kv_heads, profile=profile,
                                 weights=budgets)
-  return CachePlan(spec, num_layers, num_kv_heads, _nested(budgets), _nested(bits),
+  return CachePlan(spec, num_layers, num_kv_heads, nested_ints(budgets), nested_ints(bits),
                    scheme.residual, scheme.group)
 
 

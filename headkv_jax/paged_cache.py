@@ -269,7 +269,7 @@ class PagedKVCache:
     # A window longer than a head's budget would hold tokens the head never keeps.
     residual = max(0, min(int(residual), int(budgets.min()) - int(fp_sinks)))
     window = int(fp_sinks) + residual
-    budgets_t = tuple(tuple(int(x) for x in row) for row in budgets)
+    budgets_t = cache_layout.nested_ints(budgets)
     bits_t = tuple(tuple((int(k), int(v)) for k, v in row) for row in bits)
     lay = cache_layout.layout(budgets_t, bits_t, policy.adaptive, int(chunk_size),
                               int(page_size))

@@ -48,6 +48,7 @@ import numpy as np
 from headkv_jax import methods as methods_lib
 from headkv_jax import paged_cache
 from headkv_jax import prompt_stats
+from headkv_jax.cache_layout import nested_ints
 from headkv_jax.dense_cache import DenseKVCache
 from headkv_jax.jit import jit
 from headkv_jax.rope import RoPE
@@ -105,8 +106,7 @@ def staging_budgets(plan: methods_lib.CachePlan, cap: int) -> tuple:
   the budget; a static ``[layers][Hkv]`` nested tuple."""
   budgets = np.asarray(plan.budgets, np.int64)
   staged = np.ceil(budgets * float(plan.spec.staging)).astype(np.int64)
-  staged = np.maximum(np.minimum(staged, cap), budgets)
-  return tuple(tuple(int(x) for x in row) for row in staged)
+  return nested_ints(np.maximum(np.minimum(staged, cap), budgets))
 
 
 def final_policy(spec: methods_lib.MethodSpec):

@@ -360,3 +360,16 @@ def test_scheme_options_reach_the_cache():
   assert caches[4].effective_bits > caches[8].effective_bits
   with pytest.raises(ValueError, match="quant_group=3 must divide head_dim=8"):
     methods.make_cache(methods.MethodSpec("snapkv", 64, kv_bits="4@group=3"), **kw)
+
+
+def test_rechunk_refuses_targets_that_shrink_the_full_precision_residual():
+  """A quantized cache's full-precision window moves whole into the re-packed cache, so target
+  budgets that leave less room than its residual are refused by name (a staged prefill is
+  created with the final budgets' residual: models.method_driver)."""
+  cache = PagedKVCache.create(1, 1, 2, 8, np.array([[64, 64]]), "snapkv", chunk_size=16,
+                              bits=np.array([[4, 4]]), residual=32)
+  with pytest.raises(ValueError, match="residual of 32 tokens, below this cache's 60"):
+    cache.replace(residual=60).rechunk(1, budgets=np.array([[36, 40]]))
+  with pytest.raises(ValueError, match="residual of 28 tokens, below this cache's 32"):
+    cache.rechunk(1, budgets=np.array([[32, 40]]))
+  assert cache.rechunk(1, budgets=np.array([[36, 40]])).residual == 32

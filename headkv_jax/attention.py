@@ -93,7 +93,7 @@ def _online_logits(carry, logits, vb, mask=None):
   return o, m_new, l * scale + jnp.sum(p, axis=-1)
 
 
-def tile_loop(q_rows, fetch, num_tiles, init, *, record=None):
+def tile_loop(q_rows, fetch, num_tiles, init, *, record=None, through=None):
   """Online-softmax attention of folded queries over the key tiles ``fetch(0 .. num_tiles-1)``.
 
   The one loop every attention of the library runs: ``fetch(j) -> (k, v, mask)`` produces
@@ -104,31 +104,39 @@ def tile_loop(q_rows, fetch, num_tiles, init, *, record=None):
 
   Args:
     q_rows: ``[B, Hkv, R, D]`` folded queries, already scaled by ``1/sqrt(D)``.
-    fetch: ``j -> (k, v, mask)``.
+    fetch: ``j -> (k, v, mask)``; with ``through``, ``(j, through) -> (k, v, mask)``.
     num_tiles: a Python int or a traced int32 scalar.
     init: ``(o, m, l)`` to continue from (:func:`empty_partial` to start).
     record: optional ``(update, state)``: ``update(j, logits, state) -> state`` sees each
       tile's logits (a decode step keeps them to sum its statistics without a second pass).
+    through: optional pytree the tiles are read from (a cache's pools), carried unchanged
+      through the loop and returned: a caller that then writes into the returned arrays
+      lets XLA update them in place. Read from a closure instead, a donated buffer is live
+      both inside the loop and after it, and XLA:CPU copies it whole on every call.
 
   Returns:
     ``(o [B, Hkv, R, D] float32, m [B, Hkv, R], l [B, Hkv, R])``: ``o / l`` is the attention
     output, ``m`` the row max of the logits, ``l`` the softmax denominator (0 for rows that see
-    no key); with ``record``, ``((o, m, l), state)``.
+    no key); with ``record``, ``((o, m, l), state)``; with ``through``, that and ``through``
+    as a pair.
   """
   def step(j, carry):
-    part, state = carry
-    kb, vb, mask = fetch(j)
+    part, state, held = carry
+    kb, vb, mask = fetch(j) if through is None else fetch(j, held)
     logits = jnp.einsum("bhrd,bhsd->bhrs", q_rows, kb, preferred_element_type=jnp.float32)
     if record is not None:
       state = record[0](j, logits, state)
-    return _online_logits(part, logits, vb, mask), state
+    if through is not None:  # not forwarded by jax as loop-invariant (that was the copy)
+      held = jax.lax.optimization_barrier(held)
+    return _online_logits(part, logits, vb, mask), state, held
 
-  carry = (init, None if record is None else record[1])
+  carry = (init, None if record is None else record[1], through)
   if isinstance(num_tiles, int) and num_tiles == 1:
     carry = step(0, carry)
   else:
     carry = jax.lax.fori_loop(0, num_tiles, step, carry)
-  return carry[0] if record is None else carry
+  out = carry[0] if record is None else carry[:2]
+  return out if through is None else (out, carry[2])
 
 
 def tile_key_sums(q_rows, kb, mask, lse_rows, group: int):

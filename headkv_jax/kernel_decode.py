@@ -106,7 +106,8 @@ def cached_partial(cache, layer, q_rows, positions, *,
     block_sizes: the kernel's :class:`BlockSizes` (default ``BlockSizes()``).
 
   Returns:
-    ``(o, m, l)`` as :func:`headkv_jax.attention.tile_loop`.
+    ``((o, m, l), cache)``: the partial as :func:`headkv_jax.attention.tile_loop`'s, and
+    the cache as its edge reads passed it on (write into this one).
   """
   b, hkv, g, d = q_rows.shape
   if positions.shape[1] != 1:
@@ -131,8 +132,9 @@ def cached_partial(cache, layer, q_rows, positions, *,
     starts, ends, _ = cache._passes(layer, c, edges=False)  # [B, Hkv]; 0 outside the class
     channels = cache._key_channels(layer, c)  # [B, Hkv, 1, 2, D] or None
     if cache.pools[c].fp is not None:
-      parts.append(cache._attend_pool(layer, c, q_rows, q_pos_rows, None,
-                                      attention.empty_partial(b, hkv, g, d), edges="only")[0])
+      part, _, cache = cache._attend_pool(layer, c, q_rows, q_pos_rows, None,
+                                          attention.empty_partial(b, hkv, g, d), edges="only")
+      parts.append(part)
     q_c, shift = q, None
     if channels is not None:  # q . (k s + t) = (q s) . k + q . t, the last the same per key
       ch = channels.astype(jnp.float32)
@@ -151,7 +153,7 @@ def cached_partial(cache, layer, q_rows, positions, *,
   o, m, l = attention.merge_partials([attention.empty_partial(b, hkv, g, d)] + parts)
   real = (positions[:, 0] >= 0)[:, None, None]  # [B, 1, 1]: padding rows see nothing
   return (jnp.where(real[..., None], o, 0.0), jnp.where(real, m, attention.NEG_INF),
-          jnp.where(real, l, 0.0))
+          jnp.where(real, l, 0.0)), cache
 
 
 __all__ = ["ATTENTION_IMPLS", "check_impl", "resolve_impl", "uses_kernel", "cached_partial"]

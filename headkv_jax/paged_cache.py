@@ -124,6 +124,19 @@ def _at(table, layer):
   return jnp.asarray(table)[layer]
 
 
+def _pick(x, heads, axis: int = 1):
+  """``x`` restricted to the static ``heads`` along ``axis`` (all of it for None)."""
+  return x if heads is None else jnp.take(x, jnp.asarray(heads, jnp.int32), axis=axis)
+
+
+def _put(x, heads, part, axis: int = 1):
+  """``x`` with the static ``heads`` along ``axis`` replaced by ``part`` (``part`` for None)."""
+  if heads is None:
+    return part
+  index = (slice(None),) * axis + (jnp.asarray(heads, jnp.int32),)
+  return x.at[index].set(part)
+
+
 def _first_key_channels(old, k, stored):
   """``old [B, Hkv, 2, D]`` float16 key channel (shift, scale) of one layer, with each head
   that has none yet (scale all 0) and stores tokens now given the mean and the standard
@@ -417,21 +430,23 @@ class PagedKVCache:
 
   # ---- reading slots -----------------------------------------------------------------------
 
-  def _fp_rows(self, layer, c: int):
+  def _fp_rows(self, layer, c: int, heads=None):
     """Class ``c``'s full-precision window rows of ``layer``'s heads (``[B, Hkv, F, ...]``;
-    rows of heads outside the class are arbitrary and never read)."""
+    rows of heads outside the class are arbitrary and never read), or of the static
+    ``heads`` only (:meth:`_class_heads`)."""
     fp = self.pools[c].fp
     if fp is None:
       return None
-    rows = jnp.maximum(_at(self.layout.fp_row, layer), 0)  # [Hkv]
+    rows = _pick(jnp.maximum(_at(self.layout.fp_row, layer), 0), heads, axis=0)  # [Hkv]
     return FpWindow(k=fp.k[:, rows], v=fp.v[:, rows], pos=fp.pos[:, rows])
 
-  def _key_channels(self, layer, c: int):
-    """``[B, Hkv, 1, 2, D]`` :attr:`key_channels` of ``layer``'s heads when class ``c``
-    quantizes its keys, else None (rows of heads outside the class are never read)."""
+  def _key_channels(self, layer, c: int, heads=None):
+    """``[B, Hkv, 1, 2, D]`` :attr:`key_channels` of ``layer``'s heads (or of the static
+    ``heads``) when class ``c`` quantizes its keys, else None (rows of heads outside the
+    class are never read)."""
     if self.key_channels is None or self.layout.pairs[c][0] == 16:
       return None
-    return self.key_channels[:, layer][:, :, None]
+    return _pick(self.key_channels[:, layer], heads)[:, :, None]
 
   def read(self, c: int, idx, valid, fp=None, values: bool = True, channels=None):
     """Slots ``idx [B, Hkv, N]`` of pool ``c`` -> ``(k, v, positions)``: keys and values
@@ -472,6 +487,16 @@ class PagedKVCache:
     if isinstance(layer, (int, np.integer)):
       return tuple(sorted(set(np.asarray(self.layout.class_of[int(layer)]).tolist())))
     return tuple(range(len(self.pools)))
+
+  def _class_heads(self, layer, c: int) -> tuple[int, ...] | None:
+    """The heads of a Python-int ``layer`` in class ``c`` when they are not all of its
+    heads, else None (every head; a traced layer does not know its classes). A layer whose
+    heads span several classes reads each class's tiles for its own heads only, not for
+    every head with the others masked out."""
+    if not isinstance(layer, (int, np.integer)):
+      return None
+    heads = tuple(int(h) for h in np.flatnonzero(self.layout.class_of[int(layer)] == c))
+    return None if len(heads) == self.num_kv_heads else heads
 
   def _class_lengths(self, layer, c: int):
     """``[B, Hkv]`` tokens each head of ``layer`` holds in pool ``c`` (0 outside the class)."""
@@ -637,23 +662,28 @@ class PagedKVCache:
     # The cached slots, then the chunk itself, merged by log-sum-exp.
     observed = self._observed_queries(tok_valid, rank)  # [B, T] bool, None: no statistic
     kernel = kernel_decode.uses_kernel(self, t)
+    cache = self  # the pools as the tile loops pass them on (written in place after them)
     logits = None  # a decode step keeps its slot logits for the statistic (one pass)
     if t == 1 and observed is not None and not kernel:
       logits = jnp.full((b, hkv, group, self._slot_buffer(self.layout.max_region)), -jnp.inf,
                         jnp.float32)
     if kernel:  # the fused Pallas kernel reads the codes in place
-      cached = kernel_decode.cached_partial(self, layer, q_rows, positions)
+      cached, cache = kernel_decode.cached_partial(self, layer, q_rows, positions)
     else:
       cached = attention.empty_partial(b, hkv, t * group, d)
-      for c in self._layer_classes(layer):
-        cached, logits = self._attend_pool(layer, c, q_rows, q_pos_rows, rope, cached, logits)
+      for members in self._layer_loops(layer):
+        cached, logits, cache = cache._attend_members(layer, members, q_rows, q_pos_rows,
+                                                      rope, cached, logits)
+      for c in self._layer_classes(layer):  # the full-precision edges, class by class
+        if cache.pools[c].fp is not None:
+          cached, logits, cache = cache._attend_pool(layer, c, q_rows, q_pos_rows, rope,
+                                                     cached, logits, edges="only")
     k_t = k_new.transpose(0, 2, 1, 3)  # [B, T, Hkv, D]
     own = attention.causal_attention(qr, k_t, v, positions)
     o, m, l = attention.merge_partials([cached, own])
     out = attention.unfold_outputs(attention.normalize(o, l), t).astype(v.dtype)
     out, = sharding.replicate_over_model(out)  # so o_proj's split does not reach back in here
 
-    cache = self
     new_scores = jnp.zeros((b, hkv, t), jnp.float32)
     if observed is not None:
       lse = jnp.where(jnp.repeat(observed, group, axis=1)[:, None, :],
@@ -664,8 +694,10 @@ class PagedKVCache:
       if logits is not None:
         cache = cache._scores_from_logits(layer, logits[..., self._tile_size():], lse, seen)
       else:
-        for c in self._layer_classes(layer):
-          cache = cache._collect_scores(layer, c, q_rows, q_pos_rows, lse, rope, group, seen)
+        for members in self._layer_loops(layer):
+          for c, heads in members:
+            cache = cache._collect_scores(layer, c, heads, q_rows, q_pos_rows, lse, rope,
+                                          group, seen)
       sums = attention.causal_key_sums(qr, k_t, positions, lse)  # [B, Hkv, G, T]
       new_scores = policies_lib.reduce_group(sums, self.policy.gqa_reduce, axis=2)
     return out, cache._write(layer, k_store, vt, positions, new_scores)
@@ -687,7 +719,7 @@ class PagedKVCache:
       raise ValueError(f"{k.shape[2]} new tokens exceed chunk_size={self.chunk_size}.")
     return self._write(layer, k, v, positions, scores.astype(jnp.float32))
 
-  def _passes(self, layer, c: int, edges: bool | str = True):
+  def _passes(self, layer, c: int, edges: bool | str = True, heads=None):
     """How the held slots of ``layer``'s class-``c`` heads are read: a list of passes
     ``(num_tiles, slots, size, fp)``. ``slots(j) -> (s, start, valid)`` is tile ``j`` of the
     pass for every head: the run of ``size`` pool slots from ``start [B, Hkv]``, ``s [B,
@@ -703,11 +735,12 @@ class PagedKVCache:
     position): a head's tokens are in position order, so every token the window holds is
     an edge slot, and no tile pays for the window. ``edges=False`` gives the middle pass
     only, ``edges="only"`` the edge runs only (the Pallas path reads the middle itself).
-    Returns ``(lo, hi, passes)``, ``lo, hi [B, Hkv]``."""
-    n = self._class_lengths(layer, c)
-    off = self.offsets[:, layer]
+    ``heads``: the static heads to read (:meth:`_class_heads`; ``Hkv`` above is then their
+    number), None for all. Returns ``(lo, hi, passes)``, ``lo, hi [B, Hkv]``."""
+    n = _pick(self._class_lengths(layer, c), heads)
+    off = _pick(self.offsets[:, layer], heads)
     num_slots = self.pools[c].positions.shape[1]
-    fp = self._fp_rows(layer, c)
+    fp = self._fp_rows(layer, c, heads)
 
     def run(first, lo, hi, size):
       start = jnp.minimum(off + first, num_slots - size)
@@ -760,28 +793,131 @@ class PagedKVCache:
   def _attend_pool(self, layer, c, q_rows, q_pos_rows, rope, init, logits=None,
                    edges: bool | str = True):
     """Folds the held slots of ``layer``'s class-``c`` heads into the online softmax ->
-    ``(part, logits)``. ``logits [B, Hkv, R, >= max_region]``: also records each held slot's
-    logit there (by slot in its region; a decode step's statistics then need no second
-    pass). ``edges``: which slots (:meth:`_passes`)."""
+    ``(part, logits, cache)``. ``logits [B, Hkv, R, >= max_region]``: also records each held
+    slot's logit there (by slot in its region; a decode step's statistics then need no
+    second pass). ``edges``: which slots (:meth:`_passes`). ``cache`` is this cache with
+    pool ``c`` as the tile loops return it (:func:`~headkv_jax.attention.tile_loop`'s
+    ``through``): write into it, not into ``self``, and XLA updates the pool in place."""
     pad = self._tile_size()
-    ks = self._key_channels(layer, c)
+    heads = self._class_heads(layer, c)  # a mixed layer reads each class's own heads only
+    ks = self._key_channels(layer, c, heads)
     q_pos = q_pos_rows[:, None, :, None]  # [B, 1, R, 1]
-    part = init
-    for num_tiles, slots, size, fp in self._passes(layer, c, edges)[2]:
+    q_rows = _pick(q_rows, heads)
+    part = tuple(_pick(x, heads) for x in init)
+    buf = None if logits is None else _pick(logits, heads)
+    pool = self.pools[c]
+    for num_tiles, slots, size, fp in self._passes(layer, c, edges, heads)[2]:
 
-      def fetch(j, slots=slots, size=size, fp=fp):
-        return self._read_tile(c, slots(j), size, fp, ks, q_pos, rope)
+      def fetch(j, pool, slots=slots, size=size, fp=fp):
+        return self._with_pool(c, pool)._read_tile(c, slots(j), size, fp, ks, q_pos, rope)
 
       def keep(j, tile_logits, buf, slots=slots):  # slot s at index pad + s (see attend)
         s, _, valid = slots(j)
         return _record_tile(buf, s, tile_logits, valid, pad)
 
-      if logits is None:
-        part = attention.tile_loop(q_rows, fetch, num_tiles, part)
+      if buf is None:
+        part, pool = attention.tile_loop(q_rows, fetch, num_tiles, part, through=pool)
       else:
-        part, logits = attention.tile_loop(q_rows, fetch, num_tiles, part,
-                                           record=(keep, logits))
-    return part, logits
+        (part, buf), pool = attention.tile_loop(q_rows, fetch, num_tiles, part,
+                                                record=(keep, buf), through=pool)
+    part = tuple(_put(x, heads, p) for x, p in zip(init, part))
+    return (part, None if logits is None else _put(logits, heads, buf),
+            self._with_pool(c, pool))
+
+  def _layer_loops(self, layer):
+    """How ``layer``'s middle slots are read: a tuple of tile loops, each ``((c, heads),
+    ...)``, the classes and static heads whose tiles one loop reads together.
+
+    A loop runs as many tiles as its longest head needs and reads that many for each of its
+    heads, so heads of very different budgets (head-aware's 36 .. 10,986 at an average of
+    1,024) are better read in loops of their own, and heads of like budgets together (one
+    iteration's fixed cost shared). Costs are counted as ``tiles * (1 + heads)`` per loop,
+    one iteration's fixed cost as one head's tile, with tiles from the budgets plus a page
+    of decode headroom. For a Python-int layer the split is static: heads sorted by budget,
+    cut into the runs of least total cost. A traced layer (one program for every layer)
+    knows neither its budgets nor its classes, so every layer runs the same loops: one per
+    class over every head, or one per (class, head) running its own head's tiles (none
+    outside the class), whichever costs less summed over the layers; so do pools smaller
+    than a tile (their tiles differ in size, and no static grouping is known for them).
+    """
+    tile = self._tile_size()
+    classes = self._layer_classes(layer)
+    tiles = -(-(np.asarray(self.budgets) + self.page_size) // tile)  # [L, Hkv]
+    hkv = self.num_kv_heads
+    if not isinstance(layer, (int, np.integer)):
+      class_of = np.asarray(self.layout.class_of)  # [L, Hkv]
+      # Summed over the layers: a loop per class reads each class's longest head for all
+      # heads; a loop per (class, head) reads each head's own tiles, once per class.
+      together = (1 + hkv) * sum(
+          int(np.where(class_of[i] == c, tiles[i], 0).max()) for i in range(len(tiles))
+          for c in classes)
+      apart = 2 * int(tiles.sum()) + (len(classes) - 1) * hkv * len(tiles)
+      if apart < together:
+        return tuple(((c, (h,)),) for c in classes for h in range(hkv))
+      return tuple(((c, None),) for c in classes)
+    if any(self.pools[c].positions.shape[1] < tile for c in classes):
+      return tuple(((c, (h,)),) for c in classes for h in range(hkv))
+    layer = int(layer)
+    heads = np.argsort(tiles[layer], kind="stable")
+    cost = tiles[layer][heads]  # [Hkv] ascending
+    best, cut = [0] + [None] * hkv, [0] * (hkv + 1)
+    for i in range(1, hkv + 1):  # best[i]: the first i heads; a run j..i-1 costs cost[i-1]
+      best[i], cut[i] = min((best[j] + int(cost[i - 1]) * (1 + i - j), j) for j in range(i))
+    runs, i = [], hkv
+    while i:
+      runs.append(sorted(int(h) for h in heads[cut[i]:i]))
+      i = cut[i]
+    class_of = self.layout.class_of[layer]
+    return tuple(tuple((c, tuple(h for h in run if class_of[h] == c)) for c in classes
+                       if any(class_of[h] == c for h in run)) for run in reversed(runs))
+
+  def _attend_members(self, layer, members, q_rows, q_pos_rows, rope, init, logits=None):
+    """One tile loop over the middle slots (:meth:`_passes` without the full-precision edge
+    runs) of ``members``, ``((c, heads), ...)`` of ``layer`` (:meth:`_layer_loops`; heads
+    None: all of them): tile ``j`` reads each class's slots for its own heads, and one
+    online-softmax update takes them together (the heads in member order; queries,
+    partials and ``logits`` are permuted once around the loop). Returns ``(part, logits,
+    cache)`` as :meth:`_attend_pool`."""
+    pad = self._tile_size()
+    q_pos = q_pos_rows[:, None, :, None]  # [B, 1, R, 1]
+    middles, order, spans = [], (), []
+    for c, heads in members:
+      lo, hi, ((_, slots, size, _),) = self._passes(layer, c, False, heads)
+      middles.append((c, slots, size, self._key_channels(layer, c, heads)))
+      order += tuple(range(self.num_kv_heads)) if heads is None else heads
+      spans.append(jnp.max(hi - lo))
+    size = middles[0][2]
+    num_tiles = (jnp.max(jnp.stack(spans)) + size - 1) // size
+    cat = lambda xs: jnp.concatenate(xs, axis=1)  # [B, the members' heads in turn, ...]
+    classes = [c for c, _ in members]
+
+    def fetch(j, pools):
+      cache = self
+      for c, pool in zip(classes, pools):
+        cache = cache._with_pool(c, pool)
+      tiles = [cache._read_tile(c, slots(j), size, None, ks, q_pos, rope)
+               for c, slots, size, ks in middles]
+      return tuple(cat(list(x)) for x in zip(*tiles))  # k, v [B, heads, size, D], mask
+
+    def keep(j, tile_logits, buf):  # slot s at index pad + s (see attend)
+      s, _, valid = (cat(list(x)) for x in zip(*[slots(j) for _, slots, _, _ in middles]))
+      return _record_tile(buf, s, tile_logits, valid, pad)
+
+    every = order == tuple(range(self.num_kv_heads))
+    pick = (lambda x: x) if every else (lambda x: _pick(x, order))
+    put = (lambda x, p: p) if every else (lambda x, p: _put(x, order, p))
+    part = tuple(pick(x) for x in init)
+    pools = tuple(self.pools[c] for c in classes)
+    if logits is None:
+      part, pools = attention.tile_loop(pick(q_rows), fetch, num_tiles, part, through=pools)
+    else:
+      (part, buf), pools = attention.tile_loop(pick(q_rows), fetch, num_tiles, part,
+                                               record=(keep, pick(logits)), through=pools)
+      logits = put(logits, buf)
+    cache = self
+    for c, pool in zip(classes, pools):
+      cache = cache._with_pool(c, pool)
+    return tuple(put(x, p) for x, p in zip(init, part)), logits, cache
 
   def _scores_from_logits(self, layer, logits, lse, seen) -> "PagedKVCache":
     """A decode step's statistic from the slot logits :meth:`_attend_pool` recorded
@@ -805,33 +941,35 @@ class PagedKVCache:
       cache = cache._with_pool(c, pool.replace(scores=scores))
     return cache
 
-  def _collect_scores(self, layer, c, q_rows, q_pos_rows, lse, rope, group: int,
+  def _collect_scores(self, layer, c, heads, q_rows, q_pos_rows, lse, rope, group: int,
                       seen) -> "PagedKVCache":
-    """The policy's statistic of ``layer``'s class-``c`` slots from this call's observed
+    """The policy's statistic of the class-``c`` slots of ``layer``'s static ``heads`` (None:
+    all; :meth:`_layer_loops`' members) from this call's observed
     queries (``lse`` = +inf elsewhere): replaces (SnapKV) or adds to (H2O, "accumulate")
     each held slot's score in its pool, in the batch rows ``seen [B]`` (a row with no
     observed query keeps its scores)."""
     q_pos = q_pos_rows[:, None, :, None]
-    ks = self._key_channels(layer, c)
+    ks = self._key_channels(layer, c, heads)
+    q_rows, lse = _pick(q_rows, heads), _pick(lse, heads)
     pool = self.pools[c]
     num_slots = pool.positions.shape[1]
     accumulates = self.policy.accumulates
-    scores = pool.scores
-    for num_tiles, slots, size, fp in self._passes(layer, c)[2]:
+    for num_tiles, slots, size, fp in self._passes(layer, c, heads=heads)[2]:
 
-      def body(j, scores, slots=slots, size=size, fp=fp):
+      def body(j, pool, slots=slots, size=size, fp=fp):  # the pool carried: written in place
         _, start, valid = tile = slots(j)
         idx = start[..., None] + jnp.arange(size, dtype=jnp.int32)  # [B, Hkv, size]
-        kb, _, mask = self._read_tile(c, tile, size, fp, ks, q_pos, rope, values=False)
+        kb, _, mask = self._with_pool(c, pool)._read_tile(c, tile, size, fp, ks, q_pos, rope,
+                                                          values=False)
         part = attention.tile_key_sums(q_rows, kb, mask, lse, group)
         per = policies_lib.reduce_group(part, self.policy.gqa_reduce, axis=2)  # [B, Hkv, size]
         target = jnp.where(valid & seen[:, None, None], idx, num_slots)
         if accumulates:
-          per = per + slot_pool.gather(scores, jnp.minimum(idx, num_slots - 1))
-        return slot_pool.scatter(scores, target, per)
+          per = per + slot_pool.gather(pool.scores, jnp.minimum(idx, num_slots - 1))
+        return pool.replace(scores=slot_pool.scatter(pool.scores, target, per))
 
-      scores = jax.lax.fori_loop(0, num_tiles, body, scores)
-    return self._with_pool(c, pool.replace(scores=scores))
+      pool = jax.lax.fori_loop(0, num_tiles, body, pool)
+    return self._with_pool(c, pool)
 
   def _write(self, layer, k_store, v_new, positions, new_scores):
     """The real tokens of ``positions [B, T]`` appended to each head's region of ``layer``

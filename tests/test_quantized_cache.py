@@ -209,24 +209,30 @@ def test_key_channels_keep_an_outlier_channel_from_erasing_the_others(bits):
   assert err.max() <= (np.abs(k[0, :, 0, 1:group]).max() * 2 + 1) / levels  # their own range
 
 
-def test_mixed_bits_in_one_layer_match_each_class_alone():
-  """Heads of different bit classes in one layer: each head attends exactly as in a cache
-  where every head has its bits (classes are independent stores of one layer)."""
+@pytest.mark.parametrize("drive", ["chunked", "decode"])
+def test_mixed_bits_in_one_layer_match_each_class_alone(drive):
+  """Heads of different bit classes in one layer: each head attends, and its statistic
+  scores its slots, exactly as in a cache where every head has its bits (classes are
+  independent stores of one layer; a mixed layer's one tile loop over all its classes,
+  ``PagedKVCache._attend_classes``, reads each head's own slots only)."""
   batch, t, hq, hkv = 1, 12, 6, 3
   (q, k, v), = random_stack(22, 1, batch, t, hq, hkv)
   positions = jnp.arange(t, dtype=jnp.int32)[None]
   mixed = np.array([[[8, 4], [16, 16], [2, 2]]])
   policy = policies.make_policy("snapkv", window=2)
-  outs = {}
+  outs, scores = {}, {}
   for name, bits in [("mixed", mixed)] + [(h, np.broadcast_to(mixed[:, h:h + 1], (1, hkv, 2)))
                                           for h in range(hkv)]:
     cache = PagedKVCache.create(1, batch, hkv, D, np.array([[6, 8, 5]]), policy, chunk_size=4,
                                 dtype=jnp.float32, page_size=4, bits=bits, quant_group=4,
                                 residual=2)
-    outs[name], _ = run_stack(cache, [(q, k, v)], positions, spans("chunked", t, 4, 4))
+    outs[name], cache = run_stack(cache, [(q, k, v)], positions, spans(drive, t, 4, 4))
+    scores[name] = np.asarray(cache.slot_meta(0)[3])  # [B, Hkv, max_region] by slot
   for h in range(hkv):  # query heads 2h, 2h + 1 read KV head h
     np.testing.assert_allclose(outs["mixed"][0][:, :, 2 * h:2 * h + 2],
                                outs[h][0][:, :, 2 * h:2 * h + 2], atol=1e-6)
+    n = min(scores["mixed"].shape[-1], scores[h].shape[-1])
+    np.testing.assert_allclose(scores["mixed"][:, h, :n], scores[h][:, h, :n], atol=1e-6)
   assert cache.layout.num_classes == 1
   mixed_cache = PagedKVCache.create(1, batch, hkv, D, 8, policy, chunk_size=4, bits=mixed,
                                     quant_group=4)

@@ -69,7 +69,8 @@ def run_one(label: str) -> dict:
   spec = MethodSpec(method, 0 if method == "full" else _BUDGET.value, kv_bits=kv_bits)
   record = evaluate_sample(ModelRunner(model), tokenizer, sample, spec,
                            chunk_size=_CHUNK.value, profile=profile,
-                           max_new_tokens=_STEPS.value)
+                           max_new_tokens=_STEPS.value,
+                           compile_ahead=False)  # prefill s timed alone
   cfg = model.config  # the full cache of prompt + new tokens in bfloat16, K and V
   bf16 = 2 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (
       len(sample.prompt_tokens) + _STEPS.value)

@@ -44,10 +44,12 @@ def _cache_metrics(cache) -> dict:
 def evaluate_sample(runner: ModelRunner, tokenizer, sample, spec: methods.MethodSpec, *,
                     chunk_size: int | None, profile=None,
                     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                    oracle_scores=None) -> dict:
+                    oracle_scores=None, compile_ahead: bool = True) -> dict:
   """Generates an answer for ``sample`` under ``spec``; returns accuracy, memory and timing.
 
   ``oracle_scores``: the oracle's answer attention (``experiments.phase0.oracle_scores``).
+  ``compile_ahead``: as :func:`models.generation.generate` (False: ``prefill_s`` has the
+  cores to itself, the decode block compiling after it).
   """
   cfg = runner.config
   prompt = list(sample.prompt_tokens)
@@ -55,7 +57,7 @@ def evaluate_sample(runner: ModelRunner, tokenizer, sample, spec: methods.Method
       spec, cfg, prompt_len=len(prompt), max_new_tokens=max_new_tokens, chunk_size=chunk_size,
       dtype=runner.model.dtype, profile=profile, oracle_scores=oracle_scores)
   out = generation.generate(runner, [prompt], max_new_tokens, allow_long_context=True,
-                            **driver.generate_kwargs())
+                            compile_ahead=compile_ahead, **driver.generate_kwargs())
   return {**_answer_record(runner, tokenizer, sample, out, max_new_tokens),
           **_prefill_fields(driver.spec, driver.plan.dense)}
 

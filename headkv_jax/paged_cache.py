@@ -671,9 +671,9 @@ class PagedKVCache:
       cached, cache = kernel_decode.cached_partial(self, layer, q_rows, positions)
     else:
       cached = attention.empty_partial(b, hkv, t * group, d)
-      for members in self._layer_loops(layer):
-        cached, logits, cache = cache._attend_members(layer, members, q_rows, q_pos_rows,
-                                                      rope, cached, logits)
+      for c, heads in self._layer_loops(layer):  # the middle slots, loop by loop
+        cached, logits, cache = cache._attend_pool(layer, c, q_rows, q_pos_rows, rope,
+                                                   cached, logits, edges=False, heads=heads)
       for c in self._layer_classes(layer):  # the full-precision edges, class by class
         if cache.pools[c].fp is not None:
           cached, logits, cache = cache._attend_pool(layer, c, q_rows, q_pos_rows, rope,
@@ -694,10 +694,9 @@ class PagedKVCache:
       if logits is not None:
         cache = cache._scores_from_logits(layer, logits[..., self._tile_size():], lse, seen)
       else:
-        for members in self._layer_loops(layer):
-          for c, heads in members:
-            cache = cache._collect_scores(layer, c, heads, q_rows, q_pos_rows, lse, rope,
-                                          group, seen)
+        for c, heads in self._layer_loops(layer):
+          cache = cache._collect_scores(layer, c, heads, q_rows, q_pos_rows, lse, rope, group,
+                                        seen)
       sums = attention.causal_key_sums(qr, k_t, positions, lse)  # [B, Hkv, G, T]
       new_scores = policies_lib.reduce_group(sums, self.policy.gqa_reduce, axis=2)
     return out, cache._write(layer, k_store, vt, positions, new_scores)
@@ -791,15 +790,18 @@ class PagedKVCache:
     return kb, vb, valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
 
   def _attend_pool(self, layer, c, q_rows, q_pos_rows, rope, init, logits=None,
-                   edges: bool | str = True):
+                   edges: bool | str = True, heads="class"):
     """Folds the held slots of ``layer``'s class-``c`` heads into the online softmax ->
     ``(part, logits, cache)``. ``logits [B, Hkv, R, >= max_region]``: also records each held
     slot's logit there (by slot in its region; a decode step's statistics then need no
-    second pass). ``edges``: which slots (:meth:`_passes`). ``cache`` is this cache with
-    pool ``c`` as the tile loops return it (:func:`~headkv_jax.attention.tile_loop`'s
-    ``through``): write into it, not into ``self``, and XLA updates the pool in place."""
+    second pass). ``edges``: which slots (:meth:`_passes`). ``heads``: the static heads to
+    read (a :meth:`_layer_loops` loop's; None: all), by default the class's
+    (:meth:`_class_heads`). ``cache`` is this cache with pool ``c`` as the tile loops return
+    it (:func:`~headkv_jax.attention.tile_loop`'s ``through``): write into it, not into
+    ``self``, and XLA updates the pool in place."""
     pad = self._tile_size()
-    heads = self._class_heads(layer, c)  # a mixed layer reads each class's own heads only
+    if heads == "class":  # a mixed layer reads each class's own heads only
+      heads = self._class_heads(layer, c)
     ks = self._key_channels(layer, c, heads)
     q_pos = q_pos_rows[:, None, :, None]  # [B, 1, R, 1]
     q_rows = _pick(q_rows, heads)
@@ -825,20 +827,20 @@ class PagedKVCache:
             self._with_pool(c, pool))
 
   def _layer_loops(self, layer):
-    """How ``layer``'s middle slots are read: a tuple of tile loops, each ``((c, heads),
-    ...)``, the classes and static heads whose tiles one loop reads together.
+    """How ``layer``'s middle slots are read: a tuple of tile loops ``(c, heads)``, each over
+    the static ``heads`` of class ``c`` (None: every head of the layer).
 
     A loop runs as many tiles as its longest head needs and reads that many for each of its
     heads, so heads of very different budgets (head-aware's 36 .. 10,986 at an average of
     1,024) are better read in loops of their own, and heads of like budgets together (one
     iteration's fixed cost shared). Costs are counted as ``tiles * (1 + heads)`` per loop,
     one iteration's fixed cost as one head's tile, with tiles from the budgets plus a page
-    of decode headroom. For a Python-int layer the split is static: heads sorted by budget,
-    cut into the runs of least total cost. A traced layer (one program for every layer)
-    knows neither its budgets nor its classes, so every layer runs the same loops: one per
-    class over every head, or one per (class, head) running its own head's tiles (none
-    outside the class), whichever costs less summed over the layers; so do pools smaller
-    than a tile (their tiles differ in size, and no static grouping is known for them).
+    of decode headroom. For a Python-int layer the split is static: each class's heads
+    sorted by budget, cut into the runs of least total cost (classes never share a loop: a
+    tile gathered from two pools costs more than a second loop). A traced layer (one program
+    for every layer) knows neither its budgets nor its classes, so every layer runs the same
+    loops: one per class over every head, or one per (class, head) running its own head's
+    tiles (none outside the class), whichever costs less summed over the layers.
     """
     tile = self._tile_size()
     classes = self._layer_classes(layer)
@@ -853,71 +855,24 @@ class PagedKVCache:
           for c in classes)
       apart = 2 * int(tiles.sum()) + (len(classes) - 1) * hkv * len(tiles)
       if apart < together:
-        return tuple(((c, (h,)),) for c in classes for h in range(hkv))
-      return tuple(((c, None),) for c in classes)
-    if any(self.pools[c].positions.shape[1] < tile for c in classes):
-      return tuple(((c, (h,)),) for c in classes for h in range(hkv))
+        return tuple((c, (h,)) for c in classes for h in range(hkv))
+      return tuple((c, None) for c in classes)
     layer = int(layer)
-    heads = np.argsort(tiles[layer], kind="stable")
-    cost = tiles[layer][heads]  # [Hkv] ascending
-    best, cut = [0] + [None] * hkv, [0] * (hkv + 1)
-    for i in range(1, hkv + 1):  # best[i]: the first i heads; a run j..i-1 costs cost[i-1]
-      best[i], cut[i] = min((best[j] + int(cost[i - 1]) * (1 + i - j), j) for j in range(i))
-    runs, i = [], hkv
-    while i:
-      runs.append(sorted(int(h) for h in heads[cut[i]:i]))
-      i = cut[i]
-    class_of = self.layout.class_of[layer]
-    return tuple(tuple((c, tuple(h for h in run if class_of[h] == c)) for c in classes
-                       if any(class_of[h] == c for h in run)) for run in reversed(runs))
-
-  def _attend_members(self, layer, members, q_rows, q_pos_rows, rope, init, logits=None):
-    """One tile loop over the middle slots (:meth:`_passes` without the full-precision edge
-    runs) of ``members``, ``((c, heads), ...)`` of ``layer`` (:meth:`_layer_loops`; heads
-    None: all of them): tile ``j`` reads each class's slots for its own heads, and one
-    online-softmax update takes them together (the heads in member order; queries,
-    partials and ``logits`` are permuted once around the loop). Returns ``(part, logits,
-    cache)`` as :meth:`_attend_pool`."""
-    pad = self._tile_size()
-    q_pos = q_pos_rows[:, None, :, None]  # [B, 1, R, 1]
-    middles, order, spans = [], (), []
-    for c, heads in members:
-      lo, hi, ((_, slots, size, _),) = self._passes(layer, c, False, heads)
-      middles.append((c, slots, size, self._key_channels(layer, c, heads)))
-      order += tuple(range(self.num_kv_heads)) if heads is None else heads
-      spans.append(jnp.max(hi - lo))
-    size = middles[0][2]
-    num_tiles = (jnp.max(jnp.stack(spans)) + size - 1) // size
-    cat = lambda xs: jnp.concatenate(xs, axis=1)  # [B, the members' heads in turn, ...]
-    classes = [c for c, _ in members]
-
-    def fetch(j, pools):
-      cache = self
-      for c, pool in zip(classes, pools):
-        cache = cache._with_pool(c, pool)
-      tiles = [cache._read_tile(c, slots(j), size, None, ks, q_pos, rope)
-               for c, slots, size, ks in middles]
-      return tuple(cat(list(x)) for x in zip(*tiles))  # k, v [B, heads, size, D], mask
-
-    def keep(j, tile_logits, buf):  # slot s at index pad + s (see attend)
-      s, _, valid = (cat(list(x)) for x in zip(*[slots(j) for _, slots, _, _ in middles]))
-      return _record_tile(buf, s, tile_logits, valid, pad)
-
-    every = order == tuple(range(self.num_kv_heads))
-    pick = (lambda x: x) if every else (lambda x: _pick(x, order))
-    put = (lambda x, p: p) if every else (lambda x, p: _put(x, order, p))
-    part = tuple(pick(x) for x in init)
-    pools = tuple(self.pools[c] for c in classes)
-    if logits is None:
-      part, pools = attention.tile_loop(pick(q_rows), fetch, num_tiles, part, through=pools)
-    else:
-      (part, buf), pools = attention.tile_loop(pick(q_rows), fetch, num_tiles, part,
-                                               record=(keep, pick(logits)), through=pools)
-      logits = put(logits, buf)
-    cache = self
-    for c, pool in zip(classes, pools):
-      cache = cache._with_pool(c, pool)
-    return tuple(put(x, p) for x, p in zip(init, part)), logits, cache
+    loops = []
+    for c in classes:
+      heads = np.flatnonzero(self.layout.class_of[layer] == c)
+      heads = heads[np.argsort(tiles[layer][heads], kind="stable")]
+      cost = tiles[layer][heads]  # ascending
+      n = len(heads)
+      best, cut = [0] + [None] * n, [0] * (n + 1)
+      for i in range(1, n + 1):  # best[i]: the first i heads; a run j..i-1 costs cost[i-1]
+        best[i], cut[i] = min((best[j] + int(cost[i - 1]) * (1 + i - j), j) for j in range(i))
+      i = n
+      while i:
+        run = tuple(sorted(int(h) for h in heads[cut[i]:i]))
+        loops.append((c, None if run == tuple(range(hkv)) else run))
+        i = cut[i]
+    return tuple(loops)
 
   def _scores_from_logits(self, layer, logits, lse, seen) -> "PagedKVCache":
     """A decode step's statistic from the slot logits :meth:`_attend_pool` recorded

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import numpy as np
+
 from headkv_jax import rope as rope_lib
 from models.errors import ModelLoadError
 
@@ -74,14 +76,14 @@ class LlamaConfig:
     """Query heads per KV head."""
     return self.num_heads // self.num_kv_heads
 
+  def rope_inv_freq(self) -> np.ndarray:
+    """``[head_dim // 2]`` float32 RoPE inverse frequencies, on the host."""
+    return rope_lib.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+
   def make_rope(self) -> rope_lib.RoPE:
     import jax.numpy as jnp  # local: keep config import light
 
-    return rope_lib.RoPE(
-        inv_freq=jnp.asarray(
-            rope_lib.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
-        )
-    )
+    return rope_lib.RoPE(inv_freq=jnp.asarray(self.rope_inv_freq()))
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], model_id: str = "") -> "LlamaConfig":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from typing import Callable, NamedTuple, Sequence
 
@@ -143,16 +144,25 @@ def generate(
     allow_long_context: bool = False,
     block_size: int = DECODE_BLOCK,
     compiled: bool = True,
+    compile_ahead: bool = True,
 ) -> GenerationResult:
   """Generates up to ``max_new_tokens`` for each prompt; stops a row at EOS.
 
   ``block_size`` / ``compiled`` choose the decode loop (see :func:`decode`).
+  ``compile_ahead``: compile the decode block while the prefill computes (the first call of
+  new shapes waits for the larger of the two, not their sum; ``prefill_s`` then shares the
+  cores with that compile).
   """
   cfg = runner.config
   eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
+  ahead = None
+  if compiled and compile_ahead and max_new_tokens > 1:
+    ahead = functools.partial(_compile_decode_ahead, runner, sampling=sampling, eos=eos,
+                              after_decode_step=after_decode_step, block_size=block_size)
   done = prefill(runner, prompts, max_new_tokens, make_cache=make_cache,
                  chunk_size=chunk_size, after_prefill_chunk=after_prefill_chunk,
-                 after_prefill=after_prefill, allow_long_context=allow_long_context)
+                 after_prefill=after_prefill, allow_long_context=allow_long_context,
+                 while_computing=ahead)
   return decode(runner, done.cache, done.last_logits, done.lengths, max_new_tokens,
                 sampling=sampling, seed=seed, eos=eos, after_decode_step=after_decode_step,
                 block_size=block_size, compiled=compiled, prefill_s=done.prefill_s,
@@ -169,13 +179,16 @@ def prefill(
     after_prefill_chunk: Callable[[object], object] | None = None,
     after_prefill: Callable[[object], object] | None = None,
     allow_long_context: bool = False,
+    while_computing: Callable | None = None,
 ) -> Prefilled:
   """Runs the prompts through the model, whole (``chunk_size=None``) or in chunks.
 
   ``make_cache(batch, capacity)`` gets room for the bucketed prompts plus ``max_new_tokens``
   (and for the last chunk's padding columns; the dense cache by default); every chunk has
   ``chunk_size`` columns (the last padded with position ``-1``), so one program serves every
-  chunk; the hooks run after each chunk and after the last one.
+  chunk; the hooks run after each chunk and after the last one. ``while_computing(cache,
+  lengths) -> wait`` is called once the prefill is dispatched, before its results are
+  waited for, and ``wait()`` after (:func:`generate` compiles the decode block there).
   """
   cfg = runner.config
   if max_new_tokens < 0:
@@ -215,8 +228,12 @@ def prefill(
   prefill_cache_bytes = int(getattr(cache, "nbytes", 0))
   if after_prefill is not None:
     cache = after_prefill(cache)
+  wait = None if while_computing is None else while_computing(cache, lengths)
   jax.block_until_ready((last_logits, cache))
-  return Prefilled(cache, last_logits, lengths, time.perf_counter() - t0, prefill_cache_bytes)
+  seconds = time.perf_counter() - t0
+  if wait is not None:
+    wait()
+  return Prefilled(cache, last_logits, lengths, seconds, prefill_cache_bytes)
 
 
 def decode(runner: ModelRunner, cache, last_logits, lengths, max_new_tokens: int, *,
@@ -339,6 +356,21 @@ class DecodeLoop:
     return state, tokens
 
 
+def _block_inputs(cache, key, first, done, lengths, eos, after_decode_step, block_size,
+                  sampling):
+  """A decode block's static loop and its arguments after ``state``: ``(loop, state,
+  (lengths, eos, hook_operands))``; the arguments may be arrays or ``jax.ShapeDtypeStruct``s
+  (:func:`_compile_decode_ahead` lowers the same block from shapes alone)."""
+  hook, hook_operands = _split_hook(after_decode_step)
+  loop = DecodeLoop(block_size, sampling, hook)
+  state = DecodeState(cache, key, first, done, jnp.int32(1))
+  return loop, state, (lengths, eos, hook_operands)
+
+
+def _eos_array(eos: set[int]) -> np.ndarray:
+  return np.asarray(sorted(eos), np.int32).reshape(-1)  # [E]
+
+
 def _decode_blocks(runner, cache, key, first, lengths, max_new_tokens, *, sampling, eos,
                    after_decode_step, block_size):
   """Decodes in compiled blocks: returns ``(tokens per row, cache, decode_s, steps)``."""
@@ -346,11 +378,9 @@ def _decode_blocks(runner, cache, key, first, lengths, max_new_tokens, *, sampli
   done = np.isin(first, list(eos))
   if done.all() or max_new_tokens == 1:
     return out, cache, 0.0, 0
-  hook, hook_operands = _split_hook(after_decode_step)
-  loop = DecodeLoop(block_size, sampling, hook)
-  state = DecodeState(cache, key, jnp.asarray(first), jnp.asarray(done), jnp.int32(1))
-  lengths = jnp.asarray(lengths)
-  eos = jnp.asarray(sorted(eos), jnp.int32).reshape(-1)  # [E]
+  loop, state, (lengths, eos, hook_operands) = _block_inputs(
+      cache, key, jnp.asarray(first), jnp.asarray(done), jnp.asarray(lengths),
+      jnp.asarray(_eos_array(eos)), after_decode_step, block_size, sampling)
   # Compile outside the timed region: a limit of 0 runs no step (and keeps the state).
   state, _ = runner.decode_block(loop, state, lengths, eos, jnp.int32(0), hook_operands)
   jax.block_until_ready(state)
@@ -364,6 +394,40 @@ def _decode_blocks(runner, cache, key, first, lengths, max_new_tokens, *, sampli
     if done.all() or emitted >= max_new_tokens:
       break
   return out, state.cache, time.perf_counter() - t0, int(emitted) - 1
+
+
+def _compile_decode_ahead(runner, cache, lengths, *, sampling, eos, after_decode_step,
+                          block_size):
+  """Starts compiling the decode block for ``cache`` (a prefill's result, maybe still being
+  computed) in a thread; returns a function that waits for it.
+
+  The block's program depends on the shapes only, so it can compile while the prefill runs
+  (XLA computes on its own threads; the caller waits for the prefill): a first call's
+  tracing and compiling of the decode program, seconds for 30 unrolled layers, no longer
+  follow the prefill but overlap it. The later :meth:`ModelRunner.decode_block` call finds
+  the program compiled. An error here is dropped: that call raises it where it belongs.
+  """
+  def shape(x):
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+
+  b = len(lengths)
+  key = jax.eval_shape(jax.random.PRNGKey, 0)
+  row = lambda dtype: jax.ShapeDtypeStruct((b,), dtype)
+  args = _block_inputs(jax.tree_util.tree_map(shape, cache), key, row(jnp.int32),
+                       row(jnp.bool_), row(jnp.int32), shape(_eos_array(eos)),
+                       after_decode_step, block_size, sampling)
+  loop, state, (lengths, eos, hook_operands) = args
+
+  def compile_block():
+    try:
+      runner.lower_decode_block(loop, state, lengths, eos, jax.ShapeDtypeStruct((), jnp.int32),
+                                hook_operands).compile()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+  thread = threading.Thread(target=compile_block, name="compile-decode-block", daemon=True)
+  thread.start()
+  return thread.join
 
 
 def _split_hook(hook):

@@ -238,7 +238,7 @@ class MethodDriver:
                        f"mode {self.spec.position_mode!r}) has no compression of a recorded "
                        "prefill.")
     prompt_stats.check_one_shot(recorded)
-    inv_freq = tuple(float(x) for x in np.asarray(self.config.make_rope().inv_freq))
+    inv_freq = tuple(float(x) for x in self.config.rope_inv_freq())  # no device wait
     return _compress_recorded(recorded, self.plan, inv_freq)
 
   # ---- eviction hooks ----------------------------------------------------------------------

@@ -5,7 +5,9 @@ be a faster way to run the same steps (same positions, eviction, PRNG keys and E
 different generation.
 """
 
+import threading
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -119,3 +121,31 @@ def test_block_edges(runner, new, block):
   assert all(len(t) == new for t in blocks.tokens)
   with pytest.raises(ValueError, match="block_size must be positive, got 0"):
     generate(runner, prompts, new, block_size=0)
+
+
+@pytest.mark.parametrize("name, kv_bits", [("full", "16"), ("h2o", "16"), ("headaware", "4/2")])
+def test_decode_block_compiles_while_the_prefill_computes(name, kv_bits):
+  """``generate`` compiles the decode block from the prefilled cache's shapes in a thread,
+  before waiting for the prefill: the decode then runs that very program (compiled once,
+  in that thread, not again at the first block) and gives the tokens it gives without."""
+  compiled_by = []
+
+  def listen(event, duration, fun_name="", **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration" and "decode_block" in fun_name:
+      compiled_by.append(threading.current_thread().name)
+
+  kwargs = _method_kwargs(name, kv_bits)
+  model = Llama(CFG, rngs=nnx.Rngs(5))
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    ahead = generate(ModelRunner(model), _prompts(), NEW, block_size=BLOCK, **kwargs)
+    threads = list(compiled_by)
+    compiled_by.clear()
+    plain = generate(ModelRunner(model), _prompts(), NEW, block_size=BLOCK,
+                     compile_ahead=False, **kwargs)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert threads == ["compile-decode-block"]
+  assert compiled_by == ["MainThread"]  # the listener sees the compile where it happens
+  assert ahead.tokens == plain.tokens

@@ -306,3 +306,38 @@ def test_jit_decode_with_quantized_heads_matches_eager():
   for layer in range(layers):
     np.testing.assert_allclose(jnp.concatenate(jitted[layer], 1), eager[layer], atol=1e-5)
   assert jax.tree_util.tree_structure(cache) is not None
+
+
+def _partitions(items):
+  """Every set partition of ``items`` (a list), as lists of lists."""
+  if not items:
+    yield []
+    return
+  first, rest = items[0], items[1:]
+  for part in _partitions(rest):
+    for i in range(len(part)):
+      yield part[:i] + [[first] + part[i]] + part[i + 1:]
+    yield [[first]] + part
+
+
+def test_decode_loops_cover_each_head_once_at_least_cost():
+  """A decode layer's static tile loops (``_layer_loops``) read every head of every class
+  exactly once, never two classes in one loop, and their cost (``tiles x (1 + heads)`` per
+  loop) is the least over every way of splitting each class's heads (brute force)."""
+  budgets = [[36, 900, 1000, 5000, 40], [300, 300, 300, 300, 300]]
+  bits = [[[8, 4], [4, 2], [4, 2], [4, 2], [16, 16]], [[4, 2]] * 5]
+  cache = PagedKVCache.create(2, 1, 5, 64, budgets, "snapkv", chunk_size=16,
+                              dtype=jnp.float32, bits=bits)
+  tile = cache._tile_size()
+  for layer in range(2):
+    tiles = -(-(np.asarray(budgets[layer]) + cache.page_size) // tile)
+    loops = cache._layer_loops(layer)
+    read = sorted((c, h) for c, heads in loops for h in (heads or range(5)))
+    assert read == sorted((int(c), h) for h, c in enumerate(cache.layout.class_of[layer]))
+    cost = lambda run: int(max(tiles[list(run)])) * (1 + len(run))
+    got = sum(cost(heads or range(5)) for _, heads in loops)
+    best = 0
+    for c in set(cache.layout.class_of[layer].tolist()):
+      heads = [h for h in range(5) if cache.layout.class_of[layer][h] == c]
+      best += min(sum(cost(run) for run in part) for part in _partitions(heads))
+    assert got == best

@@ -779,14 +779,26 @@ class PagedKVCache:
     window = self.fp_sinks if any(p.fp is not None for p in self.pools) else 0
     return tile + -(-view // tile) * tile + window
 
-  def _read_tile(self, c, tile, size: int, fp, channels, q_pos, rope, values: bool = True):
+  def _turns(self, rope):
+    """A rolled cache's rotation table (``rope.turns``) for :meth:`_read_tile`, over every
+    slot a run can start at (``-size < first <= max_region``); None in "original" mode.
+    Made outside the tile loops, so no trigonometry is done per tile (and XLA shares the
+    one table between a step's layers)."""
+    if self.policy.position_mode != "cache_relative":
+      return None
+    return rope.turns(max(self.layout.max_region, self._tile_size(), self.fp_sinks,
+                          self.residual) + 1)
+
+  def _read_tile(self, c, tile, size: int, fp, channels, q_pos, rope, turns,
+                 values: bool = True):
     """A tile ``(s, start, valid)`` of a :meth:`_passes` pass of pool ``c`` as attention
-    reads it -> ``(k, v, mask)``: keys rotated by slot in "cache_relative" mode, ``mask [B,
-    Hkv, R, size]`` the held slots each query row ``q_pos [B, 1, R, 1]`` may see."""
+    reads it -> ``(k, v, mask)``: keys rotated by slot in "cache_relative" mode (``turns``:
+    :meth:`_turns`), ``mask [B, Hkv, R, size]`` the held slots each query row ``q_pos [B, 1,
+    R, 1]`` may see."""
     s, start, valid = tile
     kb, vb, kp = self.read_run(c, start, size, valid, fp, values=values, channels=channels)
-    if self.policy.position_mode == "cache_relative":
-      kb = slot_pool.rotate(rope, kb, s)
+    if self.policy.position_mode == "cache_relative":  # s: runs of consecutive slots
+      kb = slot_pool.rotate_run(rope, kb, s[..., 0], turns)
     return kb, vb, valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
 
   def _attend_pool(self, layer, c, q_rows, q_pos_rows, rope, init, logits=None,
@@ -810,8 +822,9 @@ class PagedKVCache:
     pool = self.pools[c]
     for num_tiles, slots, size, fp in self._passes(layer, c, edges, heads)[2]:
 
-      def fetch(j, pool, slots=slots, size=size, fp=fp):
-        return self._with_pool(c, pool)._read_tile(c, slots(j), size, fp, ks, q_pos, rope)
+      def fetch(j, pool, slots=slots, size=size, fp=fp, turns=self._turns(rope)):
+        return self._with_pool(c, pool)._read_tile(c, slots(j), size, fp, ks, q_pos, rope,
+                                                   turns)
 
       def keep(j, tile_logits, buf, slots=slots):  # slot s at index pad + s (see attend)
         s, _, valid = slots(j)
@@ -911,11 +924,11 @@ class PagedKVCache:
     accumulates = self.policy.accumulates
     for num_tiles, slots, size, fp in self._passes(layer, c, heads=heads)[2]:
 
-      def body(j, pool, slots=slots, size=size, fp=fp):  # the pool carried: written in place
-        _, start, valid = tile = slots(j)
+      def body(j, pool, slots=slots, size=size, fp=fp, turns=self._turns(rope)):
+        _, start, valid = tile = slots(j)  # (the pool carried: written in place)
         idx = start[..., None] + jnp.arange(size, dtype=jnp.int32)  # [B, Hkv, size]
         kb, _, mask = self._with_pool(c, pool)._read_tile(c, tile, size, fp, ks, q_pos, rope,
-                                                          values=False)
+                                                          turns, values=False)
         part = attention.tile_key_sums(q_rows, kb, mask, lse, group)
         per = policies_lib.reduce_group(part, self.policy.gqa_reduce, axis=2)  # [B, Hkv, size]
         target = jnp.where(valid & seen[:, None, None], idx, num_slots)

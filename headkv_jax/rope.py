@@ -35,8 +35,16 @@ class RoPE:
   def cos_sin(self, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """positions ``[...]`` int -> cos, sin ``[..., head_dim]`` float32."""
     angles = positions.astype(jnp.float32)[..., None] * self.inv_freq  # [..., D/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)  # [..., D]
-    return jnp.cos(angles) * self.attention_scaling, jnp.sin(angles) * self.attention_scaling
+    cos = jnp.cos(angles) * self.attention_scaling  # trig on the half, then repeated
+    sin = jnp.sin(angles) * self.attention_scaling
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
+
+  def turns(self, n: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos, sin ``[n, head_dim // 2]`` float32 of the angles ``i * inv_freq``, ``i < n``,
+    unscaled by ``attention_scaling``: the table :func:`headkv_jax.slot_pool.rotate_run`
+    reads runs' first angles and offsets from."""
+    angles = jnp.arange(n, dtype=jnp.float32)[:, None] * self.inv_freq  # [n, D/2]
+    return jnp.cos(angles), jnp.sin(angles)
 
   def apply(self, x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
     """Rotates ``x [B, T, H, D]`` by ``positions [B, T]``; computed in float32."""

@@ -83,4 +83,38 @@ def rotate(rope, x, pos):
   return (xf * cos + rotated * sin).astype(x.dtype)
 
 
-__all__ = ["round_up", "region_starts", "gather", "runs", "update_runs", "scatter", "rotate"]
+def rotate_run(rope, x, first, turns=None):
+  """RoPE of runs of consecutive slots: ``x [..., size, D]`` by positions ``first[...] +
+  0 .. size-1`` (HF rotate_half layout); :func:`rotate`'s result to float32 rounding.
+
+  A rolled cache rotates every key it reads by its slot on every step. Sines and cosines per
+  key element would dominate that step: XLA:CPU computes one in about 4 ns, and fuses a
+  small table's sin / cos into the per-element products, recomputing them per element.
+  So the trigonometry comes from ``turns = rope.turns(n)``, made once outside the tile
+  loops (``|first| < n``, ``size <= n``): a run's first angle is a row of it, its offsets
+  are its first ``size`` rows, and each element gets the angle-addition products
+  ``cos((f + i) w) = cos(f w) cos(i w) - sin(f w) sin(i w)``, ``sin((f + i) w) = sin(f w)
+  cos(i w) + cos(f w) sin(i w)``. Without ``turns`` they are computed here (slow in a loop).
+  """
+  size, d = x.shape[-2:]
+  half = d // 2
+  first = first.astype(jnp.int32)
+  if turns is None:
+    cos_i, sin_i = rope.turns(size)  # [size, D/2]
+    base = first.astype(jnp.float32)[..., None, None] * rope.inv_freq  # [..., 1, D/2]
+    cos_f, sin_f = jnp.cos(base), jnp.sin(base)
+  else:
+    table_cos, table_sin = turns  # [n, D/2]
+    cos_i, sin_i = table_cos[:size], table_sin[:size]
+    row = jnp.minimum(jnp.abs(first), table_cos.shape[0] - 1)  # cos(-a) = cos a, sin(-a) = -sin a
+    cos_f = table_cos[row][..., None, :]  # [..., 1, D/2]
+    sin_f = jnp.where(first < 0, -1.0, 1.0)[..., None, None] * table_sin[row][..., None, :]
+  cos = (cos_f * cos_i - sin_f * sin_i) * rope.attention_scaling  # [..., size, D/2]
+  sin = (sin_f * cos_i + cos_f * sin_i) * rope.attention_scaling
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., :half], xf[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+__all__ = ["round_up", "region_starts", "gather", "runs", "update_runs", "scatter", "rotate",
+           "rotate_run"]

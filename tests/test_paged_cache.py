@@ -643,3 +643,26 @@ def test_rolled_positions_equal_dense_attention_at_slots(name):
         p = np.exp(logits - logits.max())
         np.testing.assert_allclose(out[b, 0, h], (p / p.sum()) @ vals, atol=1e-5,
                                    err_msg=f"layer {layer} row {b} head {h}")
+
+
+@pytest.mark.parametrize("with_table", [True, False])
+def test_rotate_run_is_rope_at_consecutive_positions(with_table):
+  """A rolled cache rotates each tile of keys as one run of consecutive slots
+  (``slot_pool.rotate_run``: angle addition from a table, no trigonometry per element): it
+  equals RoPE at the positions ``first + 0..size-1`` (float64 reference) for runs starting
+  anywhere the tiles do, negative starts (a tile shifted back over a short region) and the
+  table's last row included; a wrong sign or row would fail by O(1)."""
+  from headkv_jax import slot_pool
+  d, size, n = 64, 32, 1000
+  rope = rope_lib.RoPE(inv_freq=jnp.asarray(rope_lib.rope_inv_freq(d, 100000.0), jnp.float32))
+  x = np.random.default_rng(0).normal(size=(2, 3, size, d)).astype(np.float32)
+  first = np.array([[0, 1, 999], [-size + 1, -5, 517]], np.int32)
+  turns = rope.turns(n) if with_table else None
+  got = np.asarray(slot_pool.rotate_run(rope, jnp.asarray(x), jnp.asarray(first), turns))
+  pos = (first[..., None] + np.arange(size)).reshape(-1)
+  angles = pos[:, None].astype(np.float64) * np.asarray(rope.inv_freq, np.float64)
+  cos, sin = np.cos(angles), np.sin(angles)
+  xf = x.reshape(-1, d).astype(np.float64)
+  x1, x2 = xf[:, :d // 2], xf[:, d // 2:]
+  want = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).reshape(x.shape)
+  np.testing.assert_allclose(got, want, atol=2e-4)  # float32 angles of positions up to 1,030

@@ -3,6 +3,7 @@ r"""Compressed vs full KV cache at long context: memory, prefill and decode, sam
   python -m experiments.bench_cache                       # 20,000 tokens, snapkv@1024 vs full
   python -m experiments.bench_cache --length=8000 --methods=full,snapkv,headaware --budget=512
   python -m experiments.bench_cache --methods=full,headaware,headaware[kv_bits=roles]  # HAQ-KV
+  python -m experiments.bench_cache --methods=snapkv,snapkv[position_mode=cache_relative]
 
 Each method runs in its own fresh child process (this module with ``--child``), so its peak
 RSS and its compiled programs are its own; the parent collects one JSON line per method. The
@@ -42,13 +43,29 @@ _COPY_MB = flags.DEFINE_integer("copy_mb", 512, "Size of the copy-bandwidth prob
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one method and print JSON.")
 
 
-def parse_method(label: str) -> tuple[str, str]:
-  """``'headaware[kv_bits=roles]'`` -> ``('headaware', 'roles')``; a bare name takes --kv_bits."""
-  match = re.fullmatch(r"(\w+)(?:\[kv_bits=([^\]]+)\])?", label.strip())
+_OPTIONS = {"kv_bits": None, "position_mode": ("original", "cache_relative")}  # allowed values
+
+
+def parse_method(label: str) -> tuple[str, dict[str, str]]:
+  """``'headaware[kv_bits=roles][position_mode=cache_relative]'`` -> ``('headaware',
+  {'kv_bits': 'roles', 'position_mode': 'cache_relative'})``; what a label leaves out takes
+  --kv_bits and position_mode 'original'. (One bracket per option: --methods splits at
+  commas.)"""
+  match = re.fullmatch(r"(\w+)((?:\[[^\]]*\])*)", label.strip())
+  options = {"kv_bits": _KV_BITS.value, "position_mode": "original"}
+  bad = (f"Bad --methods entry {label!r}: write a method name, optionally followed by "
+         f"[key=value] options of the keys {sorted(_OPTIONS)}")
   if not match:
-    raise app.UsageError(f"Bad --methods entry {label!r}: write a method name, optionally "
-                         "with [kv_bits=<scheme>].")
-  return match.group(1), match.group(2) or _KV_BITS.value
+    raise app.UsageError(bad + ".")
+  for item in re.findall(r"\[([^\]]*)\]", match.group(2)):
+    key, eq, value = item.partition("=")
+    if not eq or key not in _OPTIONS or not value:
+      raise app.UsageError(f"{bad}; got {item!r}.")
+    if _OPTIONS[key] and value not in _OPTIONS[key]:
+      raise app.UsageError(f"Bad {key}={value!r} in --methods entry {label!r}; allowed: "
+                           f"{list(_OPTIONS[key])}.")
+    options[key] = value
+  return match.group(1), options
 
 
 def run_one(label: str) -> dict:
@@ -59,14 +76,16 @@ def run_one(label: str) -> dict:
   from models.loading import load_model
   from models.runner import ModelRunner
 
-  method, kv_bits = parse_method(label)
+  method, options = parse_method(label)
+  kv_bits = options["kv_bits"]
   model, tokenizer = load_model(_MODEL.value)
   profile = None
   if method in PROFILE_METHODS or parse_kv_bits(kv_bits).needs_profile:
     from headkv_jax.profiles import load_shipped_profile
     profile = load_shipped_profile(model.config.model_id)
   sample = make_task("passkey", tokenizer, _LENGTH.value, seed=0, index=0, depth=0.5)
-  spec = MethodSpec(method, 0 if method == "full" else _BUDGET.value, kv_bits=kv_bits)
+  spec = MethodSpec(method, 0 if method == "full" else _BUDGET.value, kv_bits=kv_bits,
+                    position_mode=options["position_mode"])
   record = evaluate_sample(ModelRunner(model), tokenizer, sample, spec,
                            chunk_size=_CHUNK.value, profile=profile,
                            max_new_tokens=_STEPS.value,

@@ -5,6 +5,8 @@ r"""Bandwidth of the fused quantized paged decode-attention kernel, for a lent G
   python -m experiments.bench_kernel --interpret --contexts=64 --batches=1 --kv_heads=1 \
       --iters=1 --check_context=64 --copy_mb=8         # CPU smoke run (interpret mode)
   python -m experiments.bench_kernel --interpret --e2e_only   # CPU: the model check only
+  python -m experiments.bench_kernel --sweep --contexts=131072 --batches=1,32 --bits=16,4,2
+      # tuning: every BlockSizes of the --sweep_* lists per cell, then the best
 
 First checks the kernel against its jnp reference on device (every bit pair, a small ragged
 batch), then times, per (bits, context, batch): the Pallas kernel, XLA's dequantize-then-attend
@@ -21,6 +23,7 @@ when installed and not ``--interpret``, else a tiny random Llama) greedy-decodes
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import statistics
 import time
@@ -45,6 +48,14 @@ _PAGES_PER_BLOCK = flags.DEFINE_integer("pages_per_block", 8, "BlockSizes.pages_
 _NUM_SPLITS = flags.DEFINE_integer("num_splits", 8, "BlockSizes.num_splits.")
 _NUM_WARPS = flags.DEFINE_integer("num_warps", 4, "BlockSizes.num_warps.")
 _NUM_STAGES = flags.DEFINE_integer("num_stages", 2, "BlockSizes.num_stages.")
+_SWEEP = flags.DEFINE_bool("sweep", False, "Instead of the table: time every BlockSizes of "
+                           "the --sweep_* lists per (bits, context, batch) and print the best.")
+_SWEEP_PPB = flags.DEFINE_list("sweep_pages_per_block", ["4", "8", "16", "32"],
+                               "pages_per_block values of --sweep.")
+_SWEEP_SPLITS = flags.DEFINE_list("sweep_num_splits", ["4", "8", "16", "32"],
+                                  "num_splits values of --sweep.")
+_SWEEP_WARPS = flags.DEFINE_list("sweep_num_warps", ["4", "8"], "num_warps values of --sweep.")
+_SWEEP_STAGES = flags.DEFINE_list("sweep_num_stages", ["2", "3"], "num_stages of --sweep.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed calls per measurement (median reported).")
 _COPY_MB = flags.DEFINE_integer("copy_mb", 4096, "Size of the bandwidth-probe copy, MiB.")
 _XLA_MAX_GB = flags.DEFINE_float("xla_max_gb", 40.0, "Skip an XLA baseline whose float32 "
@@ -179,6 +190,46 @@ def bench_row(bits, context, batch, copy_gbs, bf16_ms):
                           f"| {gbs:.1f} | {pct:.0f}% | {target} | {xla_ms} | {bf16} | {speed} |")
 
 
+def sweep(bit_pairs, copy_gbs):
+  """Times the kernel under every BlockSizes of the --sweep_* lists, cell by cell (a row per
+  configuration as it runs, so a run stopped early still reports), then the best per cell."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  grid = list(itertools.product(*(map(int, f.value) for f in (
+      _SWEEP_PPB, _SWEEP_SPLITS, _SWEEP_WARPS, _SWEEP_STAGES))))
+  print("| bits | context | batch | pages_per_block | num_splits | num_warps | num_stages | "
+        "kernel ms | % of copy |\n|---|---|---|---|---|---|---|---|---|")
+  best = []
+  for context in map(int, _CONTEXTS.value):
+    for batch in map(int, _BATCHES.value):
+      for k_bits, v_bits in bit_pairs:
+        args = make_inputs(jax.random.key(0), batch, context, k_bits, v_bits)
+        nbytes = compressed_bytes(args, context)
+        trials = []
+        for ppb, splits, warps, stages in grid:
+          sizes = qda.BlockSizes(ppb, splits, None, warps, stages)
+          fn = jax.jit(functools.partial(
+              qda.quantized_decode_attention, k_bits=k_bits, v_bits=v_bits,
+              value_group=_VALUE_GROUP.value, block_sizes=sizes, interpret=_INTERPRET.value))
+          try:
+            t = _timeit(fn, *args)
+          except Exception as e:  # pylint: disable=broad-except
+            print(f"| K{k_bits}/V{v_bits} | {context} | {batch} | {ppb} | {splits} | {warps} "
+                  f"| {stages} | failed: {' '.join(str(e).split())[:80]} | |", flush=True)
+            continue
+          pct = 100 * nbytes / t / 1e9 / copy_gbs
+          trials.append((t, sizes, pct))
+          print(f"| K{k_bits}/V{v_bits} | {context} | {batch} | {ppb} | {splits} | {warps} | "
+                f"{stages} | {t * 1e3:.3f} | {pct:.0f}% |", flush=True)
+        if trials:
+          t, sizes, pct = min(trials, key=lambda x: x[0])
+          best.append(f"| K{k_bits}/V{v_bits} | {context} | {batch} | {sizes} | "
+                      f"{t * 1e3:.3f} | {pct:.0f}% |")
+        del args
+  print("\nBest per cell:\n\n| bits | context | batch | BlockSizes | kernel ms | % of copy |"
+        "\n|---|---|---|---|---|---|")
+  print("\n".join(best))
+
+
 def time_dense(context, batch):
   hkv, d = _KV_HEADS.value, _HEAD_DIM.value
   if batch * hkv * context * d * 2 * 2 / 1e9 > _XLA_MAX_GB.value:
@@ -228,13 +279,15 @@ def e2e_decode_check() -> str:
   rng = np.random.default_rng(0)
   prompt = jnp.asarray(rng.integers(4, cfg.vocab_size, (1, prompt_len)), jnp.int32)
   compress = jax.jit(lambda c: c.compress())
+  # One program, not op-by-op: eager on a GPU compiles every op of every layer on its own.
+  after_prefill = jax.jit(lambda c: c.compress().rechunk(1))
   tokens, times = {}, {}
   for impl in ("xla", "pallas"):
     cache = PagedKVCache.create(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, budget,
                                 policy, chunk_size=prompt_len, dtype=jnp.float32,
                                 page_size=16, bits=bits, attention_impl=impl)
     logits, cache = runner.forward(prompt, None, cache, last_only=True)  # prefill: XLA
-    cache = cache.compress().rechunk(1)
+    cache = after_prefill(cache)
     out = []
     tok = jnp.argmax(logits, axis=-1)[:, None].astype(jnp.int32)
     start = None
@@ -278,6 +331,9 @@ def main(argv):
   print("\n".join(check_correctness(bit_pairs)))
   copy_gbs = copy_bandwidth()
   print(f"\ncopy bandwidth (read + write): {copy_gbs:.0f} GB/s\n")
+  if _SWEEP.value:
+    sweep(bit_pairs, copy_gbs)
+    return
   print("| bits | context | batch | kernel ms | GB/s (compressed) | % of copy | >=70% at >=32k "
         "| XLA dequant+attend ms | dense bf16 XLA ms | speed-up vs bf16 |")
   print("|---|---|---|---|---|---|---|---|---|---|")

@@ -2,6 +2,7 @@ r"""Model speed on this machine: our jitted Flax model vs transformers' PyTorch,
 
   python -m experiments.bench_model                      # SmolLM2-135M, float32
   python -m experiments.bench_model --prefill_len=2048 --decode_context=4096 --decode_steps=32
+  python -m experiments.bench_model --torch_device=cuda   # on a GPU: both frameworks on it
 
 Prints prefill tokens/s (one prompt of ``--prefill_len`` tokens into an empty cache) and decode
 ms/token (one token at a time after a ``--decode_context``-token prompt), for both frameworks
@@ -22,6 +23,8 @@ _PREFILL = flags.DEFINE_integer("prefill_len", 2048, "Prompt length for the pref
 _CONTEXT = flags.DEFINE_integer("decode_context", 4096, "Context length for the decode figure.")
 _STEPS = flags.DEFINE_integer("decode_steps", 32, "Decode steps timed.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Prefill repetitions (best is reported).")
+_TORCH_DEVICE = flags.DEFINE_string("torch_device", "cpu", "PyTorch's device ('cpu', 'cuda'): "
+                                    "put it where JAX runs for a fair ratio.")
 
 
 def _best(fn, repeats):
@@ -88,19 +91,21 @@ def torch_model_from_source(source):
   return model.eval()
 
 
-def bench_torch(source, tokens_prefill, tokens_context, steps, repeats):
+def bench_torch(source, tokens_prefill, tokens_context, steps, repeats, device="cpu"):
   try:
     import torch
     import transformers
   except ImportError as e:
     raise app.UsageError("The PyTorch comparison needs the test extra: pip install '.[test]'") from e
-  tm = torch_model_from_source(source)
+  tm = torch_model_from_source(source).to(device)
   tm.eval()
-  tp = torch.tensor(tokens_prefill)
-  tc = torch.tensor(tokens_context)
+  tp = torch.tensor(tokens_prefill, device=device)
+  tc = torch.tensor(tokens_context, device=device)
+  sync = torch.cuda.synchronize if tp.is_cuda else (lambda: None)
   with torch.inference_mode():
     def prefill():
       tm(tp, use_cache=True, logits_to_keep=1)
+      sync()
     prefill()
     prefill_s = _best(prefill, repeats)
     out = tm(tc, use_cache=True, logits_to_keep=1)
@@ -108,16 +113,19 @@ def bench_torch(source, tokens_prefill, tokens_context, steps, repeats):
     tok = out.logits[:, -1:].argmax(-1)
     out = tm(tok, past_key_values=past, use_cache=True)  # warm
     past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
       out = tm(tok, past_key_values=past, use_cache=True)
       past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    sync()
     decode_ms = (time.perf_counter() - start) / steps * 1e3
   return tokens_prefill.shape[1] / prefill_s, decode_ms
 
 
 def main(argv):
   del argv
+  import jax
   import torch
   from models.loading import load_model, resolve_source
 
@@ -129,8 +137,12 @@ def main(argv):
   j_prefill, j_decode, nbytes = bench_jax(
       model, tokens_prefill, tokens_context, _STEPS.value, _REPEATS.value)
   t_prefill, t_decode = bench_torch(
-      resolve_source(_MODEL.value), tokens_prefill, tokens_context, _STEPS.value, _REPEATS.value)
-  print(f"model {_MODEL.value}, float32, torch threads {torch.get_num_threads()}")
+      resolve_source(_MODEL.value), tokens_prefill, tokens_context, _STEPS.value, _REPEATS.value,
+      _TORCH_DEVICE.value)
+  torch_where = (torch.cuda.get_device_name() if _TORCH_DEVICE.value.startswith("cuda")
+                 else f"cpu, {torch.get_num_threads()} threads")
+  print(f"model {_MODEL.value}, float32; jax on {jax.devices()[0].device_kind}, "
+        f"torch on {torch_where}")
   print(f"{'':28s}{'jax (ours)':>12s}{'pytorch':>12s}{'ratio':>8s}")
   print(f"{f'prefill tok/s @ {_PREFILL.value}':28s}{j_prefill:12.0f}{t_prefill:12.0f}"
         f"{j_prefill / t_prefill:8.2f}")

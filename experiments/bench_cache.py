@@ -3,7 +3,7 @@ r"""Compressed vs full KV cache at long context: memory, prefill and decode, sam
   python -m experiments.bench_cache                       # 20,000 tokens, snapkv@1024 vs full
   python -m experiments.bench_cache --length=8000 --methods=full,snapkv,headaware --budget=512
   python -m experiments.bench_cache --methods=full,headaware,headaware[kv_bits=roles]  # HAQ-KV
-  python -m experiments.bench_cache --methods=snapkv,snapkv[position_mode=cache_relative]
+  python -m experiments.bench_cache --methods='snapkv,snapkv[position_mode=cache_relative,kv_bits=4/2]'
 
 Each method runs in its own fresh child process (this module with ``--child``), so its peak
 RSS and its compiled programs are its own; the parent collects one JSON line per method. The
@@ -18,7 +18,6 @@ beside the floor and their ratio. Prints one row per method and the ratios vs fu
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 
@@ -26,12 +25,14 @@ from absl import app, flags
 
 from experiments import bench_floor
 from experiments import cli
+from experiments import labels
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Alias, HF directory or .gguf file.")
 _LENGTH = flags.DEFINE_integer("length", 20000, "Prompt length in tokens.")
 _METHODS = flags.DEFINE_list("methods", ["full", "snapkv"],
-                             "Methods to compare; 'name[kv_bits=X]' sets one method's bits, "
-                             "e.g. full,headaware,headaware[kv_bits=roles].")
+                             "Methods to compare; 'name[field=value,...]' sets MethodSpec "
+                             "fields of one, e.g. full,headaware,headaware[kv_bits=roles],"
+                             "snapkv[position_mode=cache_relative].")
 _BUDGET = flags.DEFINE_integer("budget", 1024, "Average tokens per KV head per layer.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 1024, "Prefill chunk size.")
 _KV_BITS = flags.DEFINE_string("kv_bits", "16", "Storage bits per KV head of every method "
@@ -43,49 +44,36 @@ _COPY_MB = flags.DEFINE_integer("copy_mb", 512, "Size of the copy-bandwidth prob
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one method and print JSON.")
 
 
-_OPTIONS = {"kv_bits": None, "position_mode": ("original", "cache_relative")}  # allowed values
-
-
-def parse_method(label: str) -> tuple[str, dict[str, str]]:
-  """``'headaware[kv_bits=roles][position_mode=cache_relative]'`` -> ``('headaware',
-  {'kv_bits': 'roles', 'position_mode': 'cache_relative'})``; what a label leaves out takes
-  --kv_bits and position_mode 'original'. (One bracket per option: --methods splits at
-  commas.)"""
-  match = re.fullmatch(r"(\w+)((?:\[[^\]]*\])*)", label.strip())
-  options = {"kv_bits": _KV_BITS.value, "position_mode": "original"}
-  bad = (f"Bad --methods entry {label!r}: write a method name, optionally followed by "
-         f"[key=value] options of the keys {sorted(_OPTIONS)}")
-  if not match:
-    raise app.UsageError(bad + ".")
-  for item in re.findall(r"\[([^\]]*)\]", match.group(2)):
-    key, eq, value = item.partition("=")
-    if not eq or key not in _OPTIONS or not value:
-      raise app.UsageError(f"{bad}; got {item!r}.")
-    if _OPTIONS[key] and value not in _OPTIONS[key]:
-      raise app.UsageError(f"Bad {key}={value!r} in --methods entry {label!r}; allowed: "
-                           f"{list(_OPTIONS[key])}.")
-    options[key] = value
-  return match.group(1), options
+def parse_method(label: str):
+  """The MethodSpec of a --methods label, ``name[field=value,...]``
+  (:func:`experiments.labels.parse_method_label`), at --budget (0 for full) and --kv_bits
+  unless the label sets them; a bad label or field value is a one-line usage error."""
+  from headkv_jax.methods import MethodSpec  # pylint: disable=g-import-not-at-top
+  name, fields, _ = labels.parse_method_label(label)
+  try:
+    spec = MethodSpec(name, 0 if name == "full" else _BUDGET.value,
+                      **{"kv_bits": _KV_BITS.value, **fields})
+    spec.policy()  # validates the policy and its knobs
+  except ValueError as e:
+    raise app.UsageError(f"--methods entry {label!r}: {e}") from e
+  return spec
 
 
 def run_one(label: str) -> dict:
   from experiments.evaluate import evaluate_sample
   from experiments.tasks import make_task
   from headkv_jax.bits import parse_kv_bits
-  from headkv_jax.methods import MethodSpec, PROFILE_METHODS
+  from headkv_jax.methods import PROFILE_METHODS
   from models.loading import load_model
   from models.runner import ModelRunner
 
-  method, options = parse_method(label)
-  kv_bits = options["kv_bits"]
+  spec = parse_method(label)
   model, tokenizer = load_model(_MODEL.value)
   profile = None
-  if method in PROFILE_METHODS or parse_kv_bits(kv_bits).needs_profile:
+  if spec.name in PROFILE_METHODS or parse_kv_bits(spec.kv_bits).needs_profile:
     from headkv_jax.profiles import load_shipped_profile
     profile = load_shipped_profile(model.config.model_id)
   sample = make_task("passkey", tokenizer, _LENGTH.value, seed=0, index=0, depth=0.5)
-  spec = MethodSpec(method, 0 if method == "full" else _BUDGET.value, kv_bits=kv_bits,
-                    position_mode=options["position_mode"])
   record = evaluate_sample(ModelRunner(model), tokenizer, sample, spec,
                            chunk_size=_CHUNK.value, profile=profile,
                            max_new_tokens=_STEPS.value,
@@ -119,11 +107,12 @@ def main(argv):
   if _CHILD.value:
     print(bench_floor.result_line(run_one(_CHILD.value)))
     return
-  for method in _METHODS.value:  # a bad entry fails before anything runs
-    parse_method(method)
+  method_labels = labels.join_brackets(_METHODS.value)
+  for label in method_labels:  # a bad entry fails before anything runs
+    parse_method(label)
   rates = bench_floor.probe_bandwidths(_COPY_MB.value)
   bandwidth = bench_floor.floor_bandwidth(rates)
-  rows = [bench_floor.with_floor(run_child(m), bandwidth) for m in _METHODS.value]
+  rows = [bench_floor.with_floor(run_child(m), bandwidth) for m in method_labels]
   print(f"{_LENGTH.value} tokens, chunk {_CHUNK.value}, budget {_BUDGET.value}, kv_bits "
         f"{_KV_BITS.value}, model {_MODEL.value}, {_STEPS.value} decode steps")
   probes = ", ".join(f"{name} {rate / 1e9:.1f}" for name, rate in rates.items())

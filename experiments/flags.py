@@ -15,15 +15,10 @@ through (`cli.run(main)`): `--compilation_cache_dir` (JAX's persistent compilati
 model or head profile) as one line with exit status 1.
 """
 
-import re
-
 from absl import flags
 
 from experiments import grid
-from headkv_jax.head_scores import ROLE_NAMES
-
-SCHEME_OPTION = re.compile(r'^\s*(group|residual)\s*=', re.I)  # a scheme's '@' option
-_BIT_PAIR = re.compile(r'^\s*\d+\s*(/\s*\d+\s*)?$')  # '4/2' or '8': a role-table entry
+from experiments.labels import SCHEME_OPTION, join_brackets, join_schemes  # pylint: disable=unused-import
 
 _MODEL = flags.DEFINE_string('model', 'smollm2-135m',
                              'Embedded alias, Hugging Face directory or .gguf file.')
@@ -80,36 +75,6 @@ _POSITION_MODE = flags.DEFINE_enum(
     "never sees a position past 8k); 'auto' (default) rolls exactly the samples past the "
     "model's context; 'both' runs every compressed method in both modes, the rolled cells "
     "labelled <method>[rolled]. Records say which mode ran; `full` stays original.")
-
-
-def join_brackets(values):
-  """Re-joins list items absl split inside brackets: ['a[x=1', 'y=2]', 'b'] -> ['a[x=1,y=2]', 'b']
-  (phase 3's variant labels `headaware[pool_kernel=7,sinks=0]` hold commas)."""
-  out, depth = [], 0
-  for v in values:
-    if depth > 0:
-      out[-1] += ',' + v
-    else:
-      out.append(v)
-    depth += v.count('[') - v.count(']')
-  return out
-
-
-def join_schemes(values):
-  """Re-joins what absl split at commas inside one scheme: a role table (['16', 'roles:8',
-  '4/2', '2', 'avg:3'] -> ['16', 'roles:8,4/2,2', 'avg:3']; a table has one entry per role)
-  and ``@`` options (['roles@group=64', 'residual=16'] -> ['roles@group=64,residual=16'])."""
-  out = []
-  for v in values:
-    last = out[-1].strip().lower() if out else ''
-    in_table = (last.startswith('roles:') and '@' not in last
-                and last.count(',') < len(ROLE_NAMES) - 1)
-    if (in_table and _BIT_PAIR.match(v.partition('@')[0])) or (
-        '@' in last and SCHEME_OPTION.match(v)):
-      out[-1] += ',' + v
-    else:
-      out.append(v)
-  return out
 
 
 def _ints(name: str, values):

@@ -13,14 +13,12 @@ as the reference. `--kv_bits` stores every variant at those bits unless its labe
 `<output_dir>/phase3/{run.json,results.jsonl,summary.csv}`.
 """
 
-import dataclasses
-import re
-
 from absl import app
 
 from experiments import cli
 from experiments import flags as exp_flags
 from experiments import grid
+from experiments import labels
 from headkv_jax import methods as methods_lib
 
 PHASE = 'phase3'
@@ -59,61 +57,29 @@ GRIDS = {
 }
 
 
-# Short names a variant label may use for MethodSpec fields.
-FIELD_ALIASES = {'sinks': 'n_sink', 'gqa': 'gqa_reduce', 'score': 'score_name'}
-_SPEC_FIELDS = {f.name: f for f in dataclasses.fields(methods_lib.MethodSpec)}
-_LABEL = re.compile(r'headaware\[(.+)\]$')
-
-
-def _parts(inner: str) -> list[str]:
-  """The comma-separated parts of a label's brackets; a role table's entries and a scheme's
-  `@` options stay with their `kv_bits=...` part ('kv_bits=roles:8/8,4/2,2/2,sinks=0' -> 2
-  parts, 'kv_bits=roles@group=64,residual=16' -> 1)."""
-  parts = []
-  for part in (p.strip() for p in inner.split(',')):
-    if parts and parts[-1].startswith('kv_bits=') and (
-        '=' not in part or exp_flags.SCHEME_OPTION.match(part)):
-      joined = exp_flags.join_schemes([parts[-1][len('kv_bits='):], part])
-      if len(joined) == 1:
-        parts[-1] = 'kv_bits=' + joined[0]
-        continue
-    parts.append(part)
-  return parts
-
-
 def parse_variant(label: str) -> tuple[dict, bool]:
   """(MethodSpec fields, shuffle) of a label: one of VARIANTS, or a combination written
-  `headaware[field=value,...]` (fields of MethodSpec or FIELD_ALIASES; a bare `uniform`,
-  `roles` or `layer_scope` / `shuffled` as in VARIANTS), e.g. `headaware[pool_kernel=7,sinks=0]`
-  or `headaware[kv_bits=roles:8/8,4/2,2/2,sinks=0]` (text fields such as kv_bits take the text).
+  `headaware[field=value,...]` (`experiments.labels.parse_method_label`: MethodSpec fields or
+  their aliases; a bare `uniform`, `roles` or `layer_scope` / `shuffled` as in VARIANTS, whose
+  fields a field=value part overrides), e.g. `headaware[pool_kernel=7,sinks=0]` or
+  `headaware[kv_bits=roles:8/8,4/2,2/2,sinks=0]` (text fields such as kv_bits take the text).
   """
   if label in VARIANTS:
     return VARIANTS[label]
-  match = _LABEL.match(label)
-  if not match:
+  name, given, bare = labels.parse_method_label(label, bare=True)
+  if name != 'headaware':
     raise app.UsageError(f'Unknown variant {label!r}; allowed: {", ".join(VARIANTS)} or '
                          "'headaware[field=value,...]'.")
   fields, shuffle = {}, False
-  for part in _parts(match.group(1)):
-    if '=' not in part and f'headaware[{part}]' in VARIANTS:
-      more, more_shuffle = VARIANTS[f'headaware[{part}]']
-      fields.update(more)
-      shuffle |= more_shuffle
-      continue
-    name, _, value = part.partition('=')
-    name = FIELD_ALIASES.get(name, name)
-    if not value or name not in _SPEC_FIELDS or name in ('name', 'budget'):
-      raise app.UsageError(
-          f'Bad part {part!r} of variant {label!r}: write field=value with a field of '
-          f'{", ".join(sorted((set(_SPEC_FIELDS) - {"name", "budget"}) | set(FIELD_ALIASES)))}.')
-    default = getattr(methods_lib.MethodSpec('headaware', 1), name)
-    kind = type(default) if default is not None else (float if name == 'staging' else int)
-    try:
-      fields[name] = kind(value)
-    except ValueError:
-      raise app.UsageError(f'Bad value in {part!r} of variant {label!r}: expected '
-                           f'{kind.__name__}.') from None
-  return fields, shuffle
+  for part in bare:
+    if f'headaware[{part}]' not in VARIANTS:
+      raise app.UsageError(f'Bad part {part!r} of variant {label!r}: write field=value or '
+                           'one of ' + ', '.join(v[len('headaware['):-1] for v in VARIANTS
+                                                 if v.startswith('headaware[')) + '.')
+    more, more_shuffle = VARIANTS[f'headaware[{part}]']
+    fields.update(more)
+    shuffle |= more_shuffle
+  return {**fields, **given}, shuffle
 
 
 def variant_cell(label: str, budget: int, task: str, length: int,

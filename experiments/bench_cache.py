@@ -21,7 +21,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from experiments import bench_floor
 from experiments import cli
@@ -45,18 +45,9 @@ _CHILD = flags.DEFINE_string("child", None, "Internal: run one method and print 
 
 
 def parse_method(label: str):
-  """The MethodSpec of a --methods label, ``name[field=value,...]``
-  (:func:`experiments.labels.parse_method_label`), at --budget (0 for full) and --kv_bits
-  unless the label sets them; a bad label or field value is a one-line usage error."""
-  from headkv_jax.methods import MethodSpec  # pylint: disable=g-import-not-at-top
-  name, fields, _ = labels.parse_method_label(label)
-  try:
-    spec = MethodSpec(name, 0 if name == "full" else _BUDGET.value,
-                      **{"kv_bits": _KV_BITS.value, **fields})
-    spec.policy()  # validates the policy and its knobs
-  except ValueError as e:
-    raise app.UsageError(f"--methods entry {label!r}: {e}") from e
-  return spec
+  """The MethodSpec of a --methods label (:func:`experiments.labels.method_spec` at --budget
+  and --kv_bits)."""
+  return labels.method_spec(label, _BUDGET.value, _KV_BITS.value)
 
 
 def run_one(label: str) -> dict:

@@ -100,3 +100,16 @@ def parse_method_label(label: str, bare: bool = False) -> tuple[str, dict, list[
       raise app.UsageError(f'Bad value in {part!r} of {label!r}: expected '
                            f'{kind.__name__}.') from None
   return match.group(1), fields, rest
+
+
+def method_spec(label: str, budget: int, kv_bits: str) -> methods_lib.MethodSpec:
+  """The MethodSpec of a label at ``budget`` (0 for full) and ``kv_bits`` unless the label
+  sets them, its policy and knobs validated; a bad label or value is an app.UsageError."""
+  name, fields, _ = parse_method_label(label)
+  try:
+    spec = methods_lib.MethodSpec(name, 0 if name == 'full' else budget,
+                                  **{'kv_bits': kv_bits, **fields})
+    spec.policy()  # validates the policy and its knobs
+  except ValueError as e:
+    raise app.UsageError(f'Method {label!r}: {e}') from e
+  return spec

@@ -377,27 +377,24 @@ def test_saved_fast_tokenizer_reloads_without_auto_tokenizer(tmp_path):
   assert fast.encode("a b c") == [1, 2, 0]
 
 
-def test_bench_cache_method_labels():
+def test_method_labels():
   """bench_cache's `--methods` labels are phase 3's (`experiments.labels`): any MethodSpec field
-  in brackets, commas inside them re-joined; --budget and --kv_bits unless a label sets them
-  (full gets budget 0); an unknown field, a value of the wrong type or a bad position mode is
-  a one-line usage error naming it."""
-  from experiments import bench_cache  # pylint: disable=g-import-not-at-top
+  in brackets, commas inside them re-joined; the given budget and kv_bits unless a label sets
+  them (full gets budget 0); an unknown field, a value of the wrong type or a bad position mode
+  is a one-line usage error naming it."""
   from experiments import labels  # pylint: disable=g-import-not-at-top
-  with flagsaver.flagsaver():
-    flags.FLAGS(["bench_cache", "--kv_bits=4/2", "--budget=64"])
-    spec = bench_cache.parse_method("h2o")
-    assert (spec.name, spec.budget, spec.kv_bits, spec.position_mode) == (
-        "h2o", 64, "4/2", "original")
-    assert bench_cache.parse_method("full").budget == 0
-    split = ["full", "snapkv[position_mode=cache_relative", "kv_bits=roles:8/8", "4/2", "2/2",
-             "sinks=0]"]
-    joined = labels.join_brackets(split)
-    assert joined[1] == "snapkv[position_mode=cache_relative,kv_bits=roles:8/8,4/2,2/2,sinks=0]"
-    spec = bench_cache.parse_method(joined[1])
-    assert (spec.position_mode, spec.kv_bits, spec.n_sink) == (
-        "cache_relative", "roles:8/8,4/2,2/2", 0)
-    for bad, named in (("h2o[bits=4]", "'bits=4'"), ("h2o[window=x]", "int"),
-                       ("h2o[position_mode=rolled]", "rolled"), ("h2o(4)", "'h2o(4)'")):
-      with pytest.raises(app.UsageError, match=re.escape(named)):
-        bench_cache.parse_method(bad)
+  spec = labels.method_spec("h2o", 64, "4/2")
+  assert (spec.name, spec.budget, spec.kv_bits, spec.position_mode) == (
+      "h2o", 64, "4/2", "original")
+  assert labels.method_spec("full", 64, "16").budget == 0
+  split = ["full", "snapkv[position_mode=cache_relative", "kv_bits=roles:8/8", "4/2", "2/2",
+           "sinks=0]"]
+  joined = labels.join_brackets(split)
+  assert joined[1] == "snapkv[position_mode=cache_relative,kv_bits=roles:8/8,4/2,2/2,sinks=0]"
+  spec = labels.method_spec(joined[1], 64, "16")
+  assert (spec.position_mode, spec.kv_bits, spec.n_sink) == (
+      "cache_relative", "roles:8/8,4/2,2/2", 0)
+  for bad, named in (("h2o[bits=4]", "'bits=4'"), ("h2o[window=x]", "int"),
+                     ("h2o[position_mode=rolled]", "rolled"), ("h2o(4)", "'h2o(4)'")):
+    with pytest.raises(app.UsageError, match=re.escape(named)):
+      labels.method_spec(bad, 64, "16")

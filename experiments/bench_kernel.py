@@ -279,7 +279,7 @@ def e2e_decode_check() -> str:
   rng = np.random.default_rng(0)
   prompt = jnp.asarray(rng.integers(4, cfg.vocab_size, (1, prompt_len)), jnp.int32)
   compress = jax.jit(lambda c: c.compress())
-  # One program, not op-by-op: eager on a GPU compiles every op of every layer on its own.
+  # One program, not op by op (eager, each op of each layer is compiled on its first use).
   after_prefill = jax.jit(lambda c: c.compress().rechunk(1))
   tokens, times = {}, {}
   for impl in ("xla", "pallas"):

@@ -579,14 +579,15 @@ class PagedKVCache:
     rope = self.rope if self.policy.position_mode == "original" else None
     b, hkv, d = self.batch, self.num_kv_heads, self.head_dim
     units = jnp.zeros((b, hkv, d, self._slot_buffer(view)), jnp.float32)
+    turns = None if rope is None else rope.digit_turns()  # outside the loops: see rotate
     for c in range(len(self.pools)):
       ks = self._key_channels(layer, c)
       for num_tiles, slots, size, fp in self._passes(layer, c)[2]:
 
-        def unit(j, units, c=c, slots=slots, size=size, fp=fp, ks=ks):
+        def unit(j, units, c=c, slots=slots, size=size, fp=fp, ks=ks, turns=turns):
           s, start, valid = slots(j)
           kb, _, kp = self.read_run(c, start, size, valid, fp, values=False, channels=ks)
-          kb = kb if rope is None else slot_pool.rotate(rope, kb, -kp)
+          kb = kb if rope is None else slot_pool.rotate(rope, kb, -kp, turns)
           u = policies_lib.unit_keys(kb).transpose(0, 1, 3, 2)  # [B, Hkv, D, size]
           return _record_tile(units, s, u, valid, pad)
 

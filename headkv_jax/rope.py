@@ -46,6 +46,15 @@ class RoPE:
     angles = jnp.arange(n, dtype=jnp.float32)[:, None] * self.inv_freq  # [n, D/2]
     return jnp.cos(angles), jnp.sin(angles)
 
+  def digit_turns(self) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos, sin ``[3, 256, head_dim // 2]`` float32 of the angles ``d * 256**i * inv_freq``
+    (digit ``d`` of base 256 at place ``i``), unscaled: the table
+    :func:`headkv_jax.slot_pool.rotate` composes any position below ``2**24`` from."""
+    places = jnp.asarray([1.0, 256.0, 65536.0], jnp.float32)[:, None]
+    digits = jnp.arange(256, dtype=jnp.float32)[None, :] * places  # [3, 256]
+    angles = digits[..., None] * self.inv_freq  # [3, 256, D/2]
+    return jnp.cos(angles), jnp.sin(angles)
+
   def apply(self, x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
     """Rotates ``x [B, T, H, D]`` by ``positions [B, T]``; computed in float32."""
     cos, sin = self.cos_sin(positions)  # [B, T, D]

@@ -70,17 +70,35 @@ def scatter(pool, idx, values):
   return jax.vmap(row)(pool, idx, values)
 
 
-def rotate(rope, x, pos):
+def rotate(rope, x, pos, turns=None):
   """RoPE of ``x [..., D]`` by ``pos [...]`` for any leading shape (HF rotate_half layout).
 
   ``RoPE.apply`` takes one position per token; the cache needs one per (token, KV head) in
-  ``cache_relative`` mode, where a token's slot differs between heads.
+  ``cache_relative`` mode, where a token's slot differs between heads, and un-rotates held
+  keys by their own positions (KeyDiff in "original" mode).
+
+  ``turns = rope.digit_turns()`` (made outside a loop) replaces the sine and cosine per
+  element (see :func:`rotate_run` for why they cost) by three table rows per position, the
+  base-256 digits of ``|pos|`` composed by angle addition; positions from ``2**24`` on are
+  clipped there (a float32 angle has no digits left for them either).
   """
-  cos, sin = rope.cos_sin(pos)  # [..., D]
   xf = x.astype(jnp.float32)
   half = xf.shape[-1] // 2
-  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-  return (xf * cos + rotated * sin).astype(x.dtype)
+  if turns is None:
+    cos, sin = rope.cos_sin(pos)  # [..., D]
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+  table_cos, table_sin = turns  # [3, 256, D/2]
+  a = jnp.minimum(jnp.abs(pos.astype(jnp.int32)), 2**24 - 1)
+  cos, sin = table_cos[0][a & 255], table_sin[0][a & 255]  # [..., D/2]
+  for place in (1, 2):
+    d = (a >> (8 * place)) & 255
+    c, s = table_cos[place][d], table_sin[place][d]
+    cos, sin = cos * c - sin * s, sin * c + cos * s
+  cos = cos * rope.attention_scaling
+  sin = jnp.where(pos < 0, -1.0, 1.0)[..., None] * sin * rope.attention_scaling
+  x1, x2 = xf[..., :half], xf[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def rotate_run(rope, x, first, turns=None):

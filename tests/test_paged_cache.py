@@ -666,3 +666,26 @@ def test_rotate_run_is_rope_at_consecutive_positions(with_table):
   x1, x2 = xf[:, :d // 2], xf[:, d // 2:]
   want = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).reshape(x.shape)
   np.testing.assert_allclose(got, want, atol=2e-4)  # float32 angles of positions up to 1,030
+
+
+def test_rotate_by_digit_table_is_rope():
+  """Un-rotating held keys by their own positions (KeyDiff in "original" mode) reads
+  ``rope.digit_turns()``: RoPE composed from the base-256 digits of each position equals the
+  float64 rotation to float32-angle rounding, for positions with every digit in use, negative
+  ones (un-rotation) and 0; a wrong digit place or sign would fail by O(1)."""
+  from headkv_jax import slot_pool
+  d = 64
+  rope = rope_lib.RoPE(inv_freq=jnp.asarray(rope_lib.rope_inv_freq(d, 10000.0), jnp.float32))
+  pos = np.array([0, 1, 255, 256, 257, 65535, 65536, 70001, -3, -300, -70001, 1_000_003])
+  x = np.random.default_rng(1).normal(size=(pos.size, d)).astype(np.float32)
+  got = np.asarray(slot_pool.rotate(rope, jnp.asarray(x), jnp.asarray(pos, jnp.int32),
+                                    rope.digit_turns()))
+  angles = pos[:, None].astype(np.float64) * np.asarray(rope.inv_freq, np.float64)
+  cos, sin = np.cos(angles), np.sin(angles)
+  x1, x2 = x[:, :d // 2].astype(np.float64), x[:, d // 2:].astype(np.float64)
+  want = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+  # float32 angles of positions up to 10^6: |error| ~ 10^6 * 2^-24 per unit of norm
+  np.testing.assert_allclose(got, want, atol=0.2)
+  mid = np.abs(pos) < 2**17
+  np.testing.assert_allclose(got[mid], want[mid], atol=0.03)
+  np.testing.assert_allclose(got[np.abs(pos) < 300], want[np.abs(pos) < 300], atol=1e-4)

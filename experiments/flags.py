@@ -18,7 +18,7 @@ model or head profile) as one line with exit status 1.
 from absl import flags
 
 from experiments import grid
-from experiments.labels import SCHEME_OPTION, join_brackets, join_schemes  # pylint: disable=unused-import
+from experiments.labels import join_brackets, join_schemes
 
 _MODEL = flags.DEFINE_string('model', 'smollm2-135m',
                              'Embedded alias, Hugging Face directory or .gguf file.')

@@ -584,7 +584,7 @@ class PagedKVCache:
       ks = self._key_channels(layer, c)
       for num_tiles, slots, size, fp in self._passes(layer, c)[2]:
 
-        def unit(j, units, c=c, slots=slots, size=size, fp=fp, ks=ks, turns=turns):
+        def unit(j, units, c=c, slots=slots, size=size, fp=fp, ks=ks):
           s, start, valid = slots(j)
           kb, _, kp = self.read_run(c, start, size, valid, fp, values=False, channels=ks)
           kb = kb if rope is None else slot_pool.rotate(rope, kb, -kp, turns)
@@ -821,9 +821,10 @@ class PagedKVCache:
     part = tuple(_pick(x, heads) for x in init)
     buf = None if logits is None else _pick(logits, heads)
     pool = self.pools[c]
+    turns = self._turns(rope)
     for num_tiles, slots, size, fp in self._passes(layer, c, edges, heads)[2]:
 
-      def fetch(j, pool, slots=slots, size=size, fp=fp, turns=self._turns(rope)):
+      def fetch(j, pool, slots=slots, size=size, fp=fp):
         return self._with_pool(c, pool)._read_tile(c, slots(j), size, fp, ks, q_pos, rope,
                                                    turns)
 
@@ -923,9 +924,10 @@ class PagedKVCache:
     pool = self.pools[c]
     num_slots = pool.positions.shape[1]
     accumulates = self.policy.accumulates
+    turns = self._turns(rope)
     for num_tiles, slots, size, fp in self._passes(layer, c, heads=heads)[2]:
 
-      def body(j, pool, slots=slots, size=size, fp=fp, turns=self._turns(rope)):
+      def body(j, pool, slots=slots, size=size, fp=fp):
         _, start, valid = tile = slots(j)  # (the pool carried: written in place)
         idx = start[..., None] + jnp.arange(size, dtype=jnp.int32)  # [B, Hkv, size]
         kb, _, mask = self._with_pool(c, pool)._read_tile(c, tile, size, fp, ks, q_pos, rope,

@@ -70,6 +70,30 @@ def scatter(pool, idx, values):
   return jax.vmap(row)(pool, idx, values)
 
 
+def _add_angles(a, b):
+  """``(cos, sin)`` of the sum of two angles given as ``(cos, sin)`` pairs (broadcast)."""
+  (cos_a, sin_a), (cos_b, sin_b) = a, b
+  return cos_a * cos_b - sin_a * sin_b, sin_a * cos_b + cos_a * sin_b
+
+
+def _negate_where(negative, cos_sin):
+  """``(cos, sin)`` of the angle negated where ``negative [...]`` (cos is even, sin odd);
+  ``cos_sin`` is ``[..., *, D/2]`` with as many axes after ``negative``'s as its shape needs."""
+  cos, sin = cos_sin
+  sign = jnp.where(negative, -1.0, 1.0)
+  return cos, sign.reshape(sign.shape + (1,) * (sin.ndim - sign.ndim)) * sin
+
+
+def _rotate_halves(rope, x, cos, sin):
+  """``x [..., D]`` rotated by the angles ``cos, sin [..., D/2]`` (HF rotate_half layout, the
+  pair of channel ``i`` is ``i + D/2``), scaled by ``rope.attention_scaling``; float32 math."""
+  cos, sin = cos * rope.attention_scaling, sin * rope.attention_scaling
+  xf = x.astype(jnp.float32)
+  half = xf.shape[-1] // 2
+  x1, x2 = xf[..., :half], xf[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
 def rotate(rope, x, pos, turns=None):
   """RoPE of ``x [..., D]`` by ``pos [...]`` for any leading shape (HF rotate_half layout).
 
@@ -82,23 +106,19 @@ def rotate(rope, x, pos, turns=None):
   base-256 digits of ``|pos|`` composed by angle addition; positions from ``2**24`` on are
   clipped there (a float32 angle has no digits left for them either).
   """
-  xf = x.astype(jnp.float32)
-  half = xf.shape[-1] // 2
   if turns is None:
     cos, sin = rope.cos_sin(pos)  # [..., D]
+    xf = x.astype(jnp.float32)
+    half = xf.shape[-1] // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
     return (xf * cos + rotated * sin).astype(x.dtype)
   table_cos, table_sin = turns  # [3, 256, D/2]
   a = jnp.minimum(jnp.abs(pos.astype(jnp.int32)), 2**24 - 1)
-  cos, sin = table_cos[0][a & 255], table_sin[0][a & 255]  # [..., D/2]
+  angle = (table_cos[0][a & 255], table_sin[0][a & 255])  # [..., D/2]
   for place in (1, 2):
     d = (a >> (8 * place)) & 255
-    c, s = table_cos[place][d], table_sin[place][d]
-    cos, sin = cos * c - sin * s, sin * c + cos * s
-  cos = cos * rope.attention_scaling
-  sin = jnp.where(pos < 0, -1.0, 1.0)[..., None] * sin * rope.attention_scaling
-  x1, x2 = xf[..., :half], xf[..., half:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    angle = _add_angles(angle, (table_cos[place][d], table_sin[place][d]))
+  return _rotate_halves(rope, x, *_negate_where(pos < 0, angle))
 
 
 def rotate_run(rope, x, first, turns=None):
@@ -114,24 +134,19 @@ def rotate_run(rope, x, first, turns=None):
   ``cos((f + i) w) = cos(f w) cos(i w) - sin(f w) sin(i w)``, ``sin((f + i) w) = sin(f w)
   cos(i w) + cos(f w) sin(i w)``. Without ``turns`` they are computed here (slow in a loop).
   """
-  size, d = x.shape[-2:]
-  half = d // 2
+  size = x.shape[-2]
   first = first.astype(jnp.int32)
   if turns is None:
-    cos_i, sin_i = rope.turns(size)  # [size, D/2]
+    offsets = rope.turns(size)  # [size, D/2]
     base = first.astype(jnp.float32)[..., None, None] * rope.inv_freq  # [..., 1, D/2]
-    cos_f, sin_f = jnp.cos(base), jnp.sin(base)
+    start = (jnp.cos(base), jnp.sin(base))
   else:
     table_cos, table_sin = turns  # [n, D/2]
-    cos_i, sin_i = table_cos[:size], table_sin[:size]
-    row = jnp.minimum(jnp.abs(first), table_cos.shape[0] - 1)  # cos(-a) = cos a, sin(-a) = -sin a
-    cos_f = table_cos[row][..., None, :]  # [..., 1, D/2]
-    sin_f = jnp.where(first < 0, -1.0, 1.0)[..., None, None] * table_sin[row][..., None, :]
-  cos = (cos_f * cos_i - sin_f * sin_i) * rope.attention_scaling  # [..., size, D/2]
-  sin = (sin_f * cos_i + cos_f * sin_i) * rope.attention_scaling
-  xf = x.astype(jnp.float32)
-  x1, x2 = xf[..., :half], xf[..., half:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    offsets = (table_cos[:size], table_sin[:size])
+    row = jnp.minimum(jnp.abs(first), table_cos.shape[0] - 1)
+    start = _negate_where(first < 0, (table_cos[row][..., None, :],  # [..., 1, D/2]
+                                      table_sin[row][..., None, :]))
+  return _rotate_halves(rope, x, *_add_angles(start, offsets))  # [..., size, D/2] angles
 
 
 __all__ = ["round_up", "region_starts", "gather", "runs", "update_runs", "scatter", "rotate",

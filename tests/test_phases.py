@@ -19,6 +19,7 @@ import pytest
 
 from experiments import flags as exp_flags
 from experiments import grid
+from experiments import labels
 from experiments import phase0
 from experiments import phase1
 from experiments import phase2
@@ -187,7 +188,7 @@ def test_kv_bits_reach_the_cells():
   cell = phase3.variant_cell('headaware[kv_bits=roles@group=64,residual=16,staging=2]', 64,
                              'passkey', 500)
   assert (cell.spec.kv_bits, cell.spec.staging) == ('roles@group=64,residual=16', 2.0)
-  assert exp_flags.join_schemes(['16', 'roles@group=64', 'residual=16', 'roles:8/4', '4/2',
+  assert labels.join_schemes(['16', 'roles@group=64', 'residual=16', 'roles:8/4', '4/2',
                                  '2/2@residual=8', 'avg:3']) == [
                                      '16', 'roles@group=64,residual=16',
                                      'roles:8/4,4/2,2/2@residual=8', 'avg:3']

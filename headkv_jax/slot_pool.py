@@ -107,8 +107,11 @@ def rotate(rope, x, pos, turns=None):
   clipped there (a float32 angle has no digits left for them either).
   """
   if turns is None:
-    angles = pos.astype(jnp.float32)[..., None] * rope.inv_freq  # [..., D/2]
-    return _rotate_halves(rope, x, jnp.cos(angles), jnp.sin(angles))
+    cos, sin = rope.cos_sin(pos)  # [..., D]
+    xf = x.astype(jnp.float32)
+    half = xf.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
   table_cos, table_sin = turns  # [3, 256, D/2]
   a = jnp.minimum(jnp.abs(pos.astype(jnp.int32)), 2**24 - 1)
   angle = (table_cos[0][a & 255], table_sin[0][a & 255])  # [..., D/2]

@@ -189,9 +189,9 @@ def test_kv_bits_reach_the_cells():
                              'passkey', 500)
   assert (cell.spec.kv_bits, cell.spec.staging) == ('roles@group=64,residual=16', 2.0)
   assert labels.join_schemes(['16', 'roles@group=64', 'residual=16', 'roles:8/4', '4/2',
-                              '2/2@residual=8', 'avg:3']) == [
-                                  '16', 'roles@group=64,residual=16',
-                                  'roles:8/4,4/2,2/2@residual=8', 'avg:3']
+                                 '2/2@residual=8', 'avg:3']) == [
+                                     '16', 'roles@group=64,residual=16',
+                                     'roles:8/4,4/2,2/2@residual=8', 'avg:3']
   for bad, match in (('4/8', 'K >= V'), ('3', 'allowed widths'), ('avg:1', 'outside')):
     with pytest.raises(app.UsageError, match=match):
       grid.Settings(kv_bits=bad)

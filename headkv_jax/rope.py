@@ -32,12 +32,22 @@ class RoPE:
   inv_freq: jnp.ndarray
   attention_scaling: float = flax.struct.field(pytree_node=False, default=1.0)
 
-  def cos_sin(self, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """positions ``[...]`` int -> cos, sin ``[..., head_dim]`` float32."""
+  def angles(self, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """positions ``[...]`` int -> cos, sin ``[..., head_dim // 2]`` float32 of the angles
+    ``position * inv_freq``, unscaled by ``attention_scaling``: every rotation by positions
+    (the model's and the cache's) takes its angles from here."""
     angles = positions.astype(jnp.float32)[..., None] * self.inv_freq  # [..., D/2]
-    cos = jnp.cos(angles) * self.attention_scaling  # trig on the half, then repeated
-    sin = jnp.sin(angles) * self.attention_scaling
-    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+  def rotate(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """The one RoPE formula: ``x [..., D]`` rotated by the angles ``cos, sin [..., D/2]``
+    (broadcast; HF rotate_half layout, the pair of channel ``i`` is ``i + D/2``), scaled by
+    ``attention_scaling``; float32 math, ``x``'s dtype out."""
+    cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+    xf = x.astype(jnp.float32)
+    half = xf.shape[-1] // 2
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
   def turns(self, n: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos, sin ``[n, head_dim // 2]`` float32 of the angles ``i * inv_freq``, ``i < n``,
@@ -57,12 +67,8 @@ class RoPE:
 
   def apply(self, x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
     """Rotates ``x [B, T, H, D]`` by ``positions [B, T]``; computed in float32."""
-    cos, sin = self.cos_sin(positions)  # [B, T, D]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, D]
-    xf = x.astype(jnp.float32)
-    half = xf.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
+    cos, sin = self.angles(positions)  # [B, T, D/2]
+    return self.rotate(x, cos[:, :, None, :], sin[:, :, None, :])
 
 
 def rope_inv_freq(

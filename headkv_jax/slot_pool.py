@@ -84,16 +84,6 @@ def _negate_where(negative, cos_sin):
   return cos, sign.reshape(sign.shape + (1,) * (sin.ndim - sign.ndim)) * sin
 
 
-def _rotate_halves(rope, x, cos, sin):
-  """``x [..., D]`` rotated by the angles ``cos, sin [..., D/2]`` (HF rotate_half layout, the
-  pair of channel ``i`` is ``i + D/2``), scaled by ``rope.attention_scaling``; float32 math."""
-  cos, sin = cos * rope.attention_scaling, sin * rope.attention_scaling
-  xf = x.astype(jnp.float32)
-  half = xf.shape[-1] // 2
-  x1, x2 = xf[..., :half], xf[..., half:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
 def rotate(rope, x, pos, turns=None):
   """RoPE of ``x [..., D]`` by ``pos [...]`` for any leading shape (HF rotate_half layout).
 
@@ -107,18 +97,14 @@ def rotate(rope, x, pos, turns=None):
   clipped there (a float32 angle has no digits left for them either).
   """
   if turns is None:
-    cos, sin = rope.cos_sin(pos)  # [..., D]
-    xf = x.astype(jnp.float32)
-    half = xf.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
+    return rope.rotate(x, *rope.angles(pos))  # [..., D/2] angles
   table_cos, table_sin = turns  # [3, 256, D/2]
   a = jnp.minimum(jnp.abs(pos.astype(jnp.int32)), 2**24 - 1)
   angle = (table_cos[0][a & 255], table_sin[0][a & 255])  # [..., D/2]
   for place in (1, 2):
     d = (a >> (8 * place)) & 255
     angle = _add_angles(angle, (table_cos[place][d], table_sin[place][d]))
-  return _rotate_halves(rope, x, *_negate_where(pos < 0, angle))
+  return rope.rotate(x, *_negate_where(pos < 0, angle))
 
 
 def rotate_run(rope, x, first, turns=None):
@@ -138,15 +124,14 @@ def rotate_run(rope, x, first, turns=None):
   first = first.astype(jnp.int32)
   if turns is None:
     offsets = rope.turns(size)  # [size, D/2]
-    base = first.astype(jnp.float32)[..., None, None] * rope.inv_freq  # [..., 1, D/2]
-    start = (jnp.cos(base), jnp.sin(base))
+    start = tuple(a[..., None, :] for a in rope.angles(first))  # [..., 1, D/2]
   else:
     table_cos, table_sin = turns  # [n, D/2]
     offsets = (table_cos[:size], table_sin[:size])
     row = jnp.minimum(jnp.abs(first), table_cos.shape[0] - 1)
     start = _negate_where(first < 0, (table_cos[row][..., None, :],  # [..., 1, D/2]
                                       table_sin[row][..., None, :]))
-  return _rotate_halves(rope, x, *_add_angles(start, offsets))  # [..., size, D/2] angles
+  return rope.rotate(x, *_add_angles(start, offsets))  # [..., size, D/2] angles
 
 
 __all__ = ["round_up", "region_starts", "gather", "runs", "update_runs", "scatter", "rotate",

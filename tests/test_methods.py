@@ -240,13 +240,13 @@ def _seen_rotations(monkeypatch):
   from headkv_jax import rope as rope_lib
 
   seen = []
-  original = rope_lib.RoPE.cos_sin
+  original = rope_lib.RoPE.angles
 
-  def cos_sin(self, positions):
+  def angles(self, positions):
     seen.append(int(np.max(np.asarray(positions), initial=-1)))
     return original(self, positions)
 
-  monkeypatch.setattr(rope_lib.RoPE, "cos_sin", cos_sin)
+  monkeypatch.setattr(rope_lib.RoPE, "angles", angles)
   return seen
 
 

@@ -599,9 +599,9 @@ def test_bfloat16_pages_stay_close_to_float32():
 
 def _rotated(x, pos):
   """RoPE of ``x [N, D]`` at positions ``pos [N]`` in float64 (HF rotate_half layout)."""
-  cos, sin = (np.asarray(a, np.float64) for a in ROPE.cos_sin(jnp.asarray(pos)))
-  half = x.shape[-1] // 2
-  return x * cos + np.concatenate([-x[:, half:], x[:, :half]], axis=-1) * sin
+  cos, sin = (np.asarray(a, np.float64) for a in ROPE.angles(jnp.asarray(pos)))  # [N, D/2]
+  x1, x2 = x[:, :x.shape[-1] // 2], x[:, x.shape[-1] // 2:]
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 @pytest.mark.parametrize("name", [n for n in policies.POLICY_NAMES if n != "full"])

@@ -72,10 +72,31 @@ def _key_positions(k_pos):
   return k_pos[:, None, None, :] if k_pos.ndim == 2 else k_pos[:, :, None, :]
 
 
+def tile_logits(q_rows, kb):
+  """``q_rows [B, Hkv, R, D]`` against a tile's keys ``kb [B, Hkv, tile, D]``, or ``[B, Hkv,
+  tile, n, D / n]`` with the channels split into the planes of their packed codes (a
+  quantized tile, :func:`headkv_jax.slot_store.decode`'s ``planar``) -> ``[B, Hkv, R,
+  tile]`` float32 logits."""
+  if kb.ndim == 5:  # the queries split the same way: a reshape
+    q = q_rows.reshape(q_rows.shape[:-1] + kb.shape[-2:])
+    return jnp.einsum("bhrnw,bhsnw->bhrs", q, kb, preferred_element_type=jnp.float32)
+  return jnp.einsum("bhrd,bhsd->bhrs", q_rows, kb, preferred_element_type=jnp.float32)
+
+
+def _tile_mix(p, vb):
+  """Weights ``p [B, Hkv, R, tile]`` times a tile's values (``[B, Hkv, tile, D]`` or split
+  into planes as in :func:`tile_logits`) -> ``[B, Hkv, R, D]`` float32."""
+  if vb.ndim == 5:
+    o = jnp.einsum("bhrs,bhsnw->bhrnw", p.astype(vb.dtype), vb,
+                   preferred_element_type=jnp.float32)
+    return o.reshape(o.shape[:-2] + (-1,))
+  return jnp.einsum("bhrs,bhsd->bhrd", p.astype(vb.dtype), vb,
+                    preferred_element_type=jnp.float32)
+
+
 def _online_update(carry, q_rows, kb, vb, mask=None):
   """One key tile folded into an online softmax ``(o, m, l)``; ``mask`` None = all visible."""
-  logits = jnp.einsum("bhrd,bhsd->bhrs", q_rows, kb, preferred_element_type=jnp.float32)
-  return _online_logits(carry, logits, vb, mask)
+  return _online_logits(carry, tile_logits(q_rows, kb), vb, mask)
 
 
 def _online_logits(carry, logits, vb, mask=None):
@@ -88,8 +109,7 @@ def _online_logits(carry, logits, vb, mask=None):
   if mask is not None:
     p = jnp.where(mask, p, 0.0)
   scale = jnp.exp(m - m_new)
-  o = o * scale[..., None] + jnp.einsum(
-      "bhrs,bhsd->bhrd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+  o = o * scale[..., None] + _tile_mix(p, vb)
   return o, m_new, l * scale + jnp.sum(p, axis=-1)
 
 
@@ -97,7 +117,8 @@ def tile_loop(q_rows, fetch, num_tiles, init, *, record=None, through=None):
   """Online-softmax attention of folded queries over the key tiles ``fetch(0 .. num_tiles-1)``.
 
   The one loop every attention of the library runs: ``fetch(j) -> (k, v, mask)`` produces
-  tile ``j`` (``k, v [B, Hkv, tile, D]``, ``mask [B, 1 or Hkv, R, tile]`` bool or None for
+  tile ``j`` (``k, v [B, Hkv, tile, D]``, or with the channels split into planes,
+  :func:`tile_logits`; ``mask [B, 1 or Hkv, R, tile]`` bool or None for
   all visible), from slices of a dense cache or gathers from a paged cache's pools. One
   compiled loop body whatever the number of keys (``num_tiles`` may be traced), and a tile's
   logits ``[B, Hkv, R, tile]`` stay in cache instead of a ``[R, S]`` array in memory.
@@ -123,7 +144,7 @@ def tile_loop(q_rows, fetch, num_tiles, init, *, record=None, through=None):
   def step(j, carry):
     part, state, held = carry
     kb, vb, mask = fetch(j) if through is None else fetch(j, held)
-    logits = jnp.einsum("bhrd,bhsd->bhrs", q_rows, kb, preferred_element_type=jnp.float32)
+    logits = tile_logits(q_rows, kb)
     if record is not None:
       state = record[0](j, logits, state)
     if through is not None:  # not forwarded by jax as loop-invariant (that was the copy)
@@ -149,7 +170,7 @@ def tile_key_sums(q_rows, kb, mask, lse_rows, group: int):
 
   Args:
     q_rows: ``[B, Hkv, R, D]`` folded queries (row ``t * group + g``), scaled by 1/sqrt(D).
-    kb: ``[B, Hkv, tile, D]`` keys.
+    kb: ``[B, Hkv, tile, D]`` keys (or split into planes, :func:`tile_logits`).
     lse_rows: ``[B, Hkv, R]`` float32 each row's log-sum-exp over *all* its keys.
     group: query heads per KV head.
 
@@ -157,7 +178,7 @@ def tile_key_sums(q_rows, kb, mask, lse_rows, group: int):
     ``[B, Hkv, group, tile]`` float32.
   """
   b, hkv, rows, _ = q_rows.shape
-  logits = jnp.einsum("bhrd,bhsd->bhrs", q_rows, kb, preferred_element_type=jnp.float32)
+  logits = tile_logits(q_rows, kb)
   p = jnp.where(mask, jnp.exp(logits - lse_rows[..., None]), 0.0)  # [B, Hkv, R, tile]
   return p.reshape(b, hkv, rows // group, group, -1).sum(axis=2)
 

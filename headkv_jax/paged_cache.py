@@ -458,22 +458,28 @@ class PagedKVCache:
                             channels)
 
   def read_run(self, c: int, start, size: int, valid, fp=None, values: bool = True,
-               channels=None):
+               channels=None, planar: bool = False):
     """:meth:`read` of the ``size`` consecutive slots of pool ``c`` from ``start [B, Hkv]``
-    (``<= S_c - size``): one contiguous block per head."""
+    (``<= S_c - size``): one contiguous block per head. ``planar`` (no ``fp``): quantized
+    keys and values ``[B, Hkv, N, n, D / n]``, their channels split into the planes of their
+    codes (:func:`headkv_jax.slot_store.decode`), as attention's tile dots take them."""
     return self._read_slots(c, lambda x: slot_pool.runs(x, start, size), valid, fp, values,
-                            channels)
+                            channels, planar)
 
-  def _read_slots(self, c: int, take, valid, fp, values: bool, channels):
+  def _read_slots(self, c: int, take, valid, fp, values: bool, channels,
+                  planar: bool = False):
     """:meth:`read` of the slots ``take(pool array)`` selects (``[B, Hkv, N, ...]``)."""
+    if planar and fp is not None:
+      raise ValueError("A planar read cannot take the full-precision window's copies.")
     pool = self.pools[c]
     kb, vb = self.layout.pairs[c]
     pos = jnp.where(valid, take(pool.positions), -1)
     k = slot_store.decode(slot_store.tree(take, pool.k), kb, self.quant_group, self.dtype,
-                          channels)
+                          channels, planar)
     v = None
     if values:
-      v = slot_store.decode(slot_store.tree(take, pool.v), vb, self.quant_group, self.dtype)
+      v = slot_store.decode(slot_store.tree(take, pool.v), vb, self.quant_group, self.dtype,
+                            planar=planar)
     if fp is not None:
       k, v_fp, _ = fp_window.read(fp, pos, k, k if v is None else v, self.fp_sinks,
                                   self.residual)
@@ -794,11 +800,15 @@ class PagedKVCache:
                  values: bool = True):
     """A tile ``(s, start, valid)`` of a :meth:`_passes` pass of pool ``c`` as attention
     reads it -> ``(k, v, mask)``: keys rotated by slot in "cache_relative" mode (``turns``:
-    :meth:`_turns`), ``mask [B, Hkv, R, size]`` the held slots each query row ``q_pos [B, 1,
+    :meth:`_turns`); a quantized tile read without the window in "original" mode split
+    into planes (:meth:`read_run`'s ``planar``, which attention's tile dots take as is);
+    ``mask [B, Hkv, R, size]`` the held slots each query row ``q_pos [B, 1,
     R, 1]`` may see."""
     s, start, valid = tile
-    kb, vb, kp = self.read_run(c, start, size, valid, fp, values=values, channels=channels)
-    if self.policy.position_mode == "cache_relative":  # s: runs of consecutive slots
+    rolled = self.policy.position_mode == "cache_relative"
+    kb, vb, kp = self.read_run(c, start, size, valid, fp, values=values, channels=channels,
+                               planar=fp is None and not rolled)
+    if rolled:  # s: runs of consecutive slots
       kb = slot_pool.rotate_run(rope, kb, s[..., 0], turns)
     return kb, vb, valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
 

@@ -99,11 +99,29 @@ def quantize_values(v, bits: int, group: int):
   return packing.pack(codes, bits), scale, zero
 
 
-def dequantize_values(codes, scale, zero, bits: int, group: int):
-  """Inverse of :func:`quantize_values` -> float32 ``[..., D]``."""
-  c = _groups(packing.unpack(codes, bits).astype(jnp.float32), group)  # [..., D/g, g]
-  x = zero[..., None].astype(jnp.float32) + c * scale[..., None].astype(jnp.float32)
-  return x.reshape(x.shape[:-2] + (x.shape[-2] * group,))
+def dequantize_values(codes, scale, zero, bits: int, group: int, planar: bool = False):
+  """Inverse of :func:`quantize_values` -> float32 ``[..., D]``, or ``[..., n, D / n]`` with
+  ``planar`` (the channels split as :func:`pallas_kernels.packing.unpack_split` splits them:
+  the same values, in a layout XLA:CPU vectorizes; ``n = 8 // bits``)."""
+  width = codes.shape[-1]
+  n = packing.codes_per_byte(bits)
+  if (group % width and width % group) or (n * width) % group:
+    x = _groups(packing.unpack(codes, bits).astype(jnp.float32), group)  # [..., D/g, g]
+    x = zero[..., None].astype(jnp.float32) + x * scale[..., None].astype(jnp.float32)
+    x = x.reshape(x.shape[:-2] + (n, width))
+  else:  # groups inside planes (g <= W) or planes inside groups (g > W): no gather
+    gp = min(group, width)
+    c = packing.unpack_split(codes, bits).astype(jnp.float32)  # [..., n, W]
+    c = c.reshape(c.shape[:-1] + (width // gp, gp))  # [..., n, W/gp, gp]
+
+    def per_part(s):  # [..., D/g] -> [..., n, W/gp, 1]
+      s = s.astype(jnp.float32)
+      if group > width:
+        s = jnp.repeat(s, group // width, axis=-1)  # [..., n]
+      return s.reshape(s.shape[:-1] + (n, width // gp, 1))
+
+    x = (per_part(zero) + c * per_part(scale)).reshape(c.shape[:-3] + (n, width))
+  return x if planar else x.reshape(x.shape[:-2] + (n * width,))
 
 
 def effective_bits(bits: int, group: int, dtype=jnp.float32) -> float:

@@ -53,15 +53,22 @@ def encode(x, bits: int, group: int, dtype, channel=None):
   return QuantStore(*quantization.quantize_values(x, bits, group))
 
 
-def decode(store, bits: int, group: int, dtype, channel=None):
+def decode(store, bits: int, group: int, dtype, channel=None, planar: bool = False):
   """A store (or a gathered view of one) ``[..., *]`` -> values ``[..., D]`` in ``dtype``
-  (``x * scale + shift`` where :func:`encode` took a ``channel``; one rounding to ``dtype``)."""
+  (``x * scale + shift`` where :func:`encode` took a ``channel``; one rounding to ``dtype``).
+  ``planar``: a quantized store's values as ``[..., n, D / n]`` (the same values, the channel
+  axis split into the planes of its codes, which XLA:CPU dequantizes in vector code; see
+  :func:`headkv_jax.quantization.dequantize_values`); a 16-bit store stays ``[..., D]``."""
   if bits == 16:
     return store
-  x = quantization.dequantize_values(store.codes, store.scale, store.zero, bits, group)
+  x = quantization.dequantize_values(store.codes, store.scale, store.zero, bits, group,
+                                     planar=planar)
   if channel is not None:
     ch = channel.astype(jnp.float32)
-    x = x * ch[..., 1, :] + ch[..., 0, :]
+    shift, scale = ch[..., 0, :], ch[..., 1, :]  # [..., D]
+    if planar:
+      shift, scale = (a.reshape(a.shape[:-1] + x.shape[-2:]) for a in (shift, scale))
+    x = x * scale + shift
   return x.astype(dtype)
 
 

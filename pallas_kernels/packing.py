@@ -57,23 +57,30 @@ def unpack_planes(packed, bits: int):
   return [(packed >> (j * bits)) & mask for j in range(n)]
 
 
-def unpack(packed, bits: int):
-  """Inverse of :func:`pack`: uint8 ``[..., W]`` -> uint8 codes ``[..., W * 8 // bits]``.
+def unpack_split(packed, bits: int):
+  """uint8 ``[..., W]`` -> uint8 codes ``[..., n, W]`` (``n = 8 // bits``): :func:`unpack`
+  with the channel axis split into its ``n`` planes (channel ``j * W + i`` at ``[j, i]``).
 
-  The planes come from one shift of ``[..., n, W]`` by a ``[n, 1]`` of bit offsets and a
-  reshape, not from a concatenation: fused into a tile's dequantization on XLA:CPU, a
-  concatenate selects its source per element. Even so, XLA:CPU emits that fusion as a scalar
-  loop (it runs along the reshaped channels, so the offset changes within it, and in a
-  decode step the offsets reach the fusion as a loop operand), and there the shift is
-  cheaper on int32 than on uint8 (which LLVM guards with a compare and a select per
-  element): SmolLM2 at 8,000 tokens, ``roles``, 32 traced decode steps spent 485 ms in
-  these fusions with uint8 shifts and 345 ms with int32."""
+  Consumers that keep this split (a decode tile's dequantization and dot,
+  ``headkv_jax.attention.tile_logits``) let XLA:CPU vectorize along ``W``, where the bit
+  offset is constant; over the joined channel axis the offset changes within the loop, and
+  XLA:CPU emits that fusion as scalar code. The shift is on int32, which in such a scalar
+  loop costs less than a uint8 shift by a variable count (LLVM guards that with a compare and
+  a select per element)."""
   n = codes_per_byte(bits)
   if n == 1:
-    return packed
+    return packed[..., None, :]
   shifts = np.arange(0, 8, bits, dtype=np.int32)[:, None]  # [n, 1]
   planes = (packed.astype(jnp.int32)[..., None, :] >> shifts) & ((1 << bits) - 1)  # [..., n, W]
-  return planes.astype(jnp.uint8).reshape(packed.shape[:-1] + (n * packed.shape[-1],))
+  return planes.astype(jnp.uint8)
 
 
-__all__ = ["PACKED_BITS", "codes_per_byte", "packed_width", "pack", "unpack_planes", "unpack"]
+def unpack(packed, bits: int):
+  """Inverse of :func:`pack`: uint8 ``[..., W]`` -> uint8 codes ``[..., W * 8 // bits]``,
+  the planes of :func:`unpack_split` joined by a reshape (a concatenation, fused into a
+  dequantization on XLA:CPU, would select its source per element)."""
+  planes = unpack_split(packed, bits)
+  return planes.reshape(packed.shape[:-1] + (planes.shape[-2] * packed.shape[-1],))
+
+
+__all__ = ["PACKED_BITS", "codes_per_byte", "packed_width", "pack", "unpack_planes", "unpack_split", "unpack"]

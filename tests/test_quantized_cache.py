@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from headkv_jax import attention
 from headkv_jax import policies
 from headkv_jax import quantization
 from headkv_jax import slot_store
@@ -27,6 +28,32 @@ def test_pack_unpack_is_a_bijection(bits):
   # Every byte value is reachable and decodes back to itself (a bijection on bytes).
   every = jnp.arange(256, dtype=jnp.uint8)[None, :]
   np.testing.assert_array_equal(packing.pack(packing.unpack(every, bits), bits), every)
+
+
+@pytest.mark.parametrize("bits", quantization.QUANT_BITS)
+@pytest.mark.parametrize("group", [8, 16, 32, 64])
+def test_planar_decode_is_the_same_values_split_into_planes(bits, group):
+  """A decode tile's planar read (channels split into the planes of their codes, groups
+  inside planes, planes inside groups, or one plane at 8 bits) holds exactly the values of
+  the flat read, keys' channel shift and scale included, and attention's tile dots over it
+  equal the flat ones to float32 rounding (a wrong plane or group order would fail by O(1))."""
+  rng = np.random.default_rng(bits * 100 + group)
+  x = rng.normal(size=(2, 3, 24, 64)).astype(np.float32)
+  channel = jnp.asarray(np.stack([rng.normal(size=(2, 3, 1, 64)),
+                                  rng.uniform(0.5, 2.0, size=(2, 3, 1, 64))], axis=-2),
+                        jnp.float16)  # [B, Hkv, 1, 2, D]
+  store = slot_store.encode(jnp.asarray(x), bits, group, jnp.float32, channel)
+  flat = slot_store.decode(store, bits, group, jnp.float32, channel)
+  planar = slot_store.decode(store, bits, group, jnp.float32, channel, planar=True)
+  n = 8 // bits
+  assert planar.shape == (2, 3, 24, n, 64 // n)
+  np.testing.assert_array_equal(np.asarray(planar).reshape(flat.shape), flat)
+  q = jnp.asarray(rng.normal(size=(2, 3, 5, 64)), jnp.float32)
+  np.testing.assert_allclose(attention.tile_logits(q, planar), attention.tile_logits(q, flat),
+                             rtol=1e-5, atol=1e-4)
+  p = jnp.asarray(rng.uniform(size=(2, 3, 5, 24)), jnp.float32)
+  np.testing.assert_allclose(attention._tile_mix(p, planar), attention._tile_mix(p, flat),
+                             rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", quantization.QUANT_BITS)

@@ -83,4 +83,5 @@ def unpack(packed, bits: int):
   return planes.reshape(packed.shape[:-1] + (planes.shape[-2] * packed.shape[-1],))
 
 
-__all__ = ["PACKED_BITS", "codes_per_byte", "packed_width", "pack", "unpack_planes", "unpack_split", "unpack"]
+__all__ = ["PACKED_BITS", "codes_per_byte", "packed_width", "pack", "unpack_planes", "unpack_split",
+           "unpack"]

@@ -8,7 +8,7 @@ codes a byte, in a *planar* layout: byte ``i`` of a packed row of ``D // n`` byt
 
 so unpacking is ``n`` shifts and masks laid side by side (no interleave), and a kernel can skip
 even that by splitting the query into the ``n`` matching chunks of ``D // n`` channels
-(:func:`unpack_planes`). Everything here is plain ``jnp`` on values, so it runs inside
+(:func:`plane`). Everything here is plain ``jnp`` on values, so it runs inside
 a Pallas kernel on loaded blocks as well as under ``jit``.
 """
 
@@ -47,14 +47,11 @@ def pack(codes, bits: int):
   return out
 
 
-def unpack_planes(packed, bits: int):
-  """uint8 ``[..., W]`` -> the ``8 // bits`` planes of codes, each uint8 ``[..., W]``.
-
-  Plane ``j`` holds the codes of channels ``[j * W, (j + 1) * W)``.
-  """
-  n = codes_per_byte(bits)
-  mask = (1 << bits) - 1
-  return [(packed >> (j * bits)) & mask for j in range(n)]
+def plane(packed, j: int, bits: int):
+  """uint8 ``[..., W]`` -> uint8 plane ``j`` of its codes ``[..., W]``: the codes of
+  channels ``[j * W, (j + 1) * W)``, one constant shift and mask (what a kernel unpacks
+  from a loaded block, plane by plane)."""
+  return (packed >> (j * bits)) & ((1 << bits) - 1)
 
 
 def unpack_split(packed, bits: int):
@@ -83,5 +80,5 @@ def unpack(packed, bits: int):
   return planes.reshape(packed.shape[:-1] + (planes.shape[-2] * packed.shape[-1],))
 
 
-__all__ = ["PACKED_BITS", "codes_per_byte", "packed_width", "pack", "unpack_planes", "unpack_split",
+__all__ = ["PACKED_BITS", "codes_per_byte", "packed_width", "pack", "plane", "unpack_split",
            "unpack"]

@@ -109,8 +109,7 @@ class BlockSizes:
 
 def _dequantize_block(codes, scale, zero, plane: int, bits: int):
   """Plane ``plane`` of packed ``codes`` (uint8) -> float32 ``zero + code * scale``."""
-  mask = (1 << bits) - 1
-  c = ((codes >> (plane * bits)) & mask).astype(jnp.float32)
+  c = packing.plane(codes, plane, bits).astype(jnp.float32)
   return zero.astype(jnp.float32) + c * scale.astype(jnp.float32)
 
 
@@ -194,12 +193,11 @@ def quantized_decode_attention_kernel(
 
     logits = jnp.zeros((block_h, block_k), jnp.float32)
     if token_keys:  # logit += s_t (q_g . codes_t) + z_t sum(q_g), one channel group a part
-      mask = (1 << k_bits) - 1
       loaded = {}
       for off, width, j, qc, qsum in key_parts:
         if off not in loaded:  # each byte chunk is loaded once, unpacked k_planes times
           loaded[off] = k_pages_ref[ids, :, pl.ds(off, width)]  # [ppb, page_size, width]
-        c = ((loaded[off] >> (j * k_bits)) & mask).astype(jnp.float32)
+        c = packing.plane(loaded[off], j, k_bits).astype(jnp.float32)
         group = (j * k_width + off) // value_group
         scale = k_scale_ref[ids, :, group].astype(jnp.float32).reshape(block_k)
         zero = k_zero_ref[ids, :, group].astype(jnp.float32).reshape(block_k)

@@ -13,10 +13,12 @@ import re
 
 from absl import app
 
+from headkv_jax import bits as bits_lib
 from headkv_jax import methods as methods_lib
 from headkv_jax.head_scores import ROLE_NAMES
 
-SCHEME_OPTION = re.compile(r'^\s*(group|residual)\s*=', re.I)  # a scheme's '@' option
+# A scheme's '@' option (group=, residual=, fp_sinks=).
+SCHEME_OPTION = re.compile(r'^\s*(' + '|'.join(bits_lib.OPTIONS) + r')\s*=', re.I)
 _BIT_PAIR = re.compile(r'^\s*\d+\s*(/\s*\d+\s*)?$')  # '4/2' or '8': a role-table entry
 # Short names a label may use for MethodSpec fields.
 FIELD_ALIASES = {'sinks': 'n_sink', 'gqa': 'gqa_reduce', 'score': 'score_name'}

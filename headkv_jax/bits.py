@@ -19,13 +19,15 @@ Accepted texts (case-insensitive, whitespace ignored):
 ``roles:R,I,L``        an explicit role table, e.g. ``roles:8/8,4/2,2/2`` (``8`` = ``8/8``)
 ``avg:T`` / ``avg=T``  a target average of (key + value) / 2 bits, spent on the heads of
                        highest retrieval-reasoning score (see :func:`allocate_bits`)
-``X@group=G,residual=R``  scheme ``X`` with ``G`` channels per scale + zero and an ``R``-token
-                       full-precision residual (either option alone; e.g. ``4/2@group=64``)
+``X@group=G,residual=R,fp_sinks=F``  scheme ``X`` with ``G`` channels per scale + zero, an
+                       ``R``-token full-precision residual and ``F`` full-precision first
+                       tokens (any of the options alone; e.g. ``4/2@group=64``)
 =====================  ===============================================================
 
 Widths are those of :data:`headkv_jax.quantization.SUPPORTED_BITS`; keys never get fewer bits
 than values (keys are the more sensitive side: KIVI, KVTuner). Every scheme keeps a recent
-residual window of ``residual`` tokens per head in full precision (32; KIVI-2: 128) and stores
+residual window of ``residual`` tokens per head in full precision (32; KIVI-2: 128), and its
+first ``fp_sinks`` tokens too (:data:`headkv_jax.paged_cache.FP_SINKS`, 4), and stores
 one float16 scale + zero per token and group of ``group`` channels (32, capped at the head
 dimension). Role tables (``roles``, ``roles:R,I,L``) store with :data:`ROLES_GROUP` channels
 per scale and a :data:`ROLES_RESIDUAL`-token residual, the storage that takes ``roles`` past
@@ -41,19 +43,23 @@ import re
 
 import numpy as np
 
+from headkv_jax import fp_window
 from headkv_jax import head_scores
 from headkv_jax.profile import HeadProfile
 from headkv_jax.quantization import SUPPORTED_BITS
 
 KINDS = ("uniform", "kivi2", "roles", "avg")
-DEFAULT_RESIDUAL = 32  # full-precision recent tokens per head
+DEFAULT_RESIDUAL = fp_window.RESIDUAL  # full-precision recent tokens per head
+DEFAULT_SINKS = fp_window.SINKS  # full-precision first tokens per head
 KIVI_RESIDUAL = 128  # KIVI's R
 # Role tables' storage: one scale + zero per 64 channels (a whole SmolLM2 head) and a 16-token
 # residual. On niah_single, seed 1, 20 samples, one-shot, with the default table (2k/128,
 # 2k/256, 4k/128, 4k/256) this scored 20, 15, 13, 13 (group 32 + residual 32: 19, 16, 13, 11;
 # 16-bit pages: 20, 17, 13, 12); at 2k/256 group 64 alone scored 16, residual 16 alone 15,
 # group 64 + residual 20 15 (and 20 at 2k/128). Streamed perplexity at 4k, budget 256: 10.734
-# (16-bit 10.513, +2.1%; group 32 + residual 32: 10.636).
+# (16-bit 10.513, +2.1%; group 32 + residual 32: 10.636). The 4 full-precision first tokens
+# stay: without them (fp_sinks=0) the needle cells scored 19, 16, 13, 12 but perplexity rose
+# to 11.52 (+9.6%); without the residual (residual=0) 2k/128 and 2k/256 fell to 17 and 14.
 ROLES_GROUP = 64
 ROLES_RESIDUAL = 16
 # (retrieval, induction, local), each (k, v): keys a width above values where they can be (the
@@ -71,7 +77,7 @@ FORMS = ("16", "8", "4", "2", "K/V (e.g. 4/2)", "kivi2", "roles", "roles:8/8,4/2
 _ALLOWED = f"allowed: {', '.join(FORMS)}"
 _PAIR = re.compile(r"^(\d+)(?:/(\d+))?$")
 _AVG = re.compile(r"^avg[:=](.+)$")
-OPTIONS = ("group", "residual")  # the ``@`` options of a scheme text
+OPTIONS = ("group", "residual", "fp_sinks")  # the ``@`` options of a scheme text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +94,8 @@ class BitScheme:
     residual: full-precision recent tokens per head (KIVI's R).
     group: channels per scale + zero of a quantized token (capped at the head dimension);
       None: the cache's default (32).
+    fp_sinks: first tokens per head kept in full precision beside their codes (not the
+      policy's ``sinks``, which are never evicted).
   """
 
   text: str
@@ -98,6 +106,7 @@ class BitScheme:
   target: float | None = None
   residual: int = DEFAULT_RESIDUAL
   group: int | None = None
+  fp_sinks: int = DEFAULT_SINKS
 
   @property
   def needs_profile(self) -> bool:
@@ -169,14 +178,14 @@ def parse_kv_bits(text: str) -> BitScheme:
 
 
 def _parse_options(tail: str, text: str) -> dict:
-  """``'group=64,residual=16'`` -> ``{'group': 64, 'residual': 16}``."""
+  """``'group=64,residual=16,fp_sinks=0'`` -> ``{'group': 64, 'residual': 16, 'fp_sinks': 0}``."""
   out = {}
   for part in tail.split(","):
     name, eq, value = part.partition("=")
     if name not in OPTIONS or not eq or not value.isdigit() or name in out:
       raise ValueError(f"kv_bits {text!r}: cannot parse option {part!r}; after '@' give "
                        f"{' and/or '.join(n + '=<int>' for n in OPTIONS)} once each, e.g. "
-                       f"roles@group=64,residual=16.")
+                       f"roles@group=64,residual=16,fp_sinks=4.")
     out[name] = int(value)
   if "group" in out and out["group"] < 1:
     raise ValueError(f"kv_bits {text!r}: group={out['group']} must be >= 1 (channels per "
@@ -337,6 +346,6 @@ def bits_label(bits) -> str:
   return f"{k}/{v}"
 
 
-__all__ = ["KINDS", "DEFAULT_RESIDUAL", "KIVI_RESIDUAL", "ROLES_GROUP", "ROLES_RESIDUAL",
+__all__ = ["KINDS", "DEFAULT_RESIDUAL", "DEFAULT_SINKS", "KIVI_RESIDUAL", "ROLES_GROUP", "ROLES_RESIDUAL",
            "DEFAULT_ROLE_BITS", "AVG_LADDER", "AVG_SCORE", "FORMS", "BitScheme", "parse_kv_bits", "allocate_bits", "mean_bits",
            "bits_label"]

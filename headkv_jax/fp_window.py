@@ -14,6 +14,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+RESIDUAL = 32  # most recent tokens a quantized head keeps in the cache dtype (default)
+SINKS = 4  # first tokens a quantized head keeps in the cache dtype (default)
+
 
 @flax.struct.dataclass
 class FpWindow:
@@ -75,4 +78,4 @@ def write(fp: FpWindow, rows, positions, k, v, sinks: int, residual: int) -> FpW
                   pos=put(fp.pos, jnp.broadcast_to(positions[:, None, :], j.shape)))
 
 
-__all__ = ["FpWindow", "empty", "index", "read", "write"]
+__all__ = ["RESIDUAL", "SINKS", "FpWindow", "empty", "index", "read", "write"]

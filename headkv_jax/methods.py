@@ -222,6 +222,7 @@ class CachePlan:
     bits: ``[layers][Hkv][2]`` storage bits per head; None for the dense cache.
     residual: full-precision recent tokens of a quantized head (None: the cache default).
     quant_group: channels per scale + zero of a quantized token (None: the cache default).
+    fp_sinks: full-precision first tokens of a quantized head (None: the cache default).
   """
 
   spec: MethodSpec
@@ -231,6 +232,7 @@ class CachePlan:
   bits: tuple | None = None
   residual: int | None = None
   quant_group: int | None = None
+  fp_sinks: int | None = None
 
   @property
   def dense(self) -> bool:
@@ -255,6 +257,8 @@ class CachePlan:
       out["residual"] = self.residual
     if self.quant_group is not None:
       out["quant_group"] = self.quant_group
+    if self.fp_sinks is not None:
+      out["fp_sinks"] = self.fp_sinks
     return out
 
 
@@ -277,7 +281,7 @@ def plan_cache(spec: MethodSpec, num_layers: int, num_kv_heads: int, *, max_len:
   bits = bits_lib.allocate_bits(scheme, num_layers, num_kv_heads, profile=profile,
                                 weights=budgets)
   return CachePlan(spec, num_layers, num_kv_heads, nested_ints(budgets), nested_ints(bits),
-                   scheme.residual, scheme.group)
+                   scheme.residual, scheme.group, scheme.fp_sinks)
 
 
 def make_cache(spec: MethodSpec, *, num_layers: int, num_kv_heads: int, head_dim: int,

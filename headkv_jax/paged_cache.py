@@ -92,8 +92,8 @@ from pallas_kernels import packing
 
 SUPPORTED_BITS = quantization.SUPPORTED_BITS
 QUANT_GROUP = 32  # channels sharing one scale + zero (KIVI's group size)
-RESIDUAL = 32  # most recent tokens a quantized head keeps in the cache dtype
-FP_SINKS = 4  # first tokens a quantized head keeps in the cache dtype
+RESIDUAL = fp_window.RESIDUAL  # most recent tokens a quantized head keeps in the cache dtype
+FP_SINKS = fp_window.SINKS  # first tokens a quantized head keeps in the cache dtype
 KEY_SCALE_FLOOR = 2.0**-14  # float16's smallest normal: a channel's scale when it is all zero
 TILE = 256  # slots per attention tile
 

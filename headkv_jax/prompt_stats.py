@@ -175,7 +175,7 @@ class RecordingCache:
 def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Policy, *,
                     decode_chunk: int | None = None, page_size: int = 16, bits=None,
                     residual: int | None = None, quant_group: int | None = None,
-                    rope=None) -> PagedKVCache:
+                    fp_sinks: int | None = None, rope=None) -> PagedKVCache:
   """The compressed cache ``policy`` keeps of a one-shot prefill, ready for decoding.
 
   Args:
@@ -188,6 +188,7 @@ def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Poli
     bits: per-head storage bits as ``PagedKVCache.create`` takes them (None: 16).
     residual: full-precision recent tokens of a quantized head (None: the cache default).
     quant_group: channels per scale + zero of a quantized token (None: the cache default).
+    fp_sinks: full-precision first tokens of a quantized head (None: the cache default).
     rope: the model's RoPE (the KeyDiff score modes need it; see ``PagedKVCache.create``).
 
   Returns:
@@ -208,7 +209,8 @@ def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Poli
   cache = PagedKVCache.create(len(layers), b, hkv, d, budgets, policy, chunk_size=t,
                               dtype=layers[0].k.dtype, page_size=page_size, bits=bits,
                               rope=rope, quant_group=quant_group,
-                              **({} if residual is None else {'residual': residual}))
+                              **{k: v for k, v in (('residual', residual), ('fp_sinks', fp_sinks))
+                                 if v is not None})
   # Every layer's recording stacked, so one compiled loop body appends any layer.
   stack = lambda xs: jnp.stack(list(xs))
   ks, vs = stack(lc.k[:, :, :t] for lc in layers), stack(lc.v[:, :, :t] for lc in layers)

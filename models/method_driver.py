@@ -224,7 +224,8 @@ class MethodDriver:
       # The prefill keeps the final cache's full-precision residual (capped by the smallest
       # final budget), so the window moves unchanged when the prompt ends.
       residual = plan.residual if plan.residual is not None else paged_cache.RESIDUAL
-      residual = min(residual, int(np.min(plan.budgets)) - paged_cache.FP_SINKS)
+      sinks = plan.fp_sinks if plan.fp_sinks is not None else paged_cache.FP_SINKS
+      residual = min(residual, int(np.min(plan.budgets)) - sinks)
       plan = dataclasses.replace(plan, budgets=self.staging, residual=max(residual, 0))
     return plan.create(batch=batch, head_dim=self.config.head_dim, capacity=capacity,
                        chunk_size=self.prefill_chunk, dtype=self.dtype,

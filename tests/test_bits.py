@@ -175,25 +175,30 @@ def test_bad_texts(text, match):
   assert repr(text) in str(e.value) or text == ''
 
 
-@pytest.mark.parametrize('text, canonical, group, residual', [
-    ('roles', 'roles', 64, 16),
-    ('roles@group=64,residual=16', 'roles', 64, 16),
-    ('roles@group=64,residual=20', 'roles@residual=20', 64, 20),
-    ('ROLES @ residual=16, group=32', 'roles@group=32', 32, 16),
-    ('roles@residual=32,group=32', 'roles@group=32,residual=32', 32, 32),
-    ('4/2@group=64', '4/2@group=64', 64, 32),
-    ('4/2@residual=32', '4/2', None, 32),
-    ('kivi2@residual=0', 'kivi2@residual=0', None, 0),
-    ('kivi2@residual=128', 'kivi2', None, 128),
-    ('roles:8/4,4/2,2/2@group=16', 'roles:8/4,4/2,2@group=16', 16, 16),
+@pytest.mark.parametrize('text, canonical, group, residual, fp_sinks', [
+    ('roles', 'roles', 64, 16, 4),
+    ('roles@group=64,residual=16', 'roles', 64, 16, 4),
+    ('roles@group=64,residual=20', 'roles@residual=20', 64, 20, 4),
+    ('ROLES @ residual=16, group=32', 'roles@group=32', 32, 16, 4),
+    ('roles@residual=32,group=32', 'roles@group=32,residual=32', 32, 32, 4),
+    ('4/2@group=64', '4/2@group=64', 64, 32, 4),
+    ('4/2@residual=32', '4/2', None, 32, 4),
+    ('kivi2@residual=0', 'kivi2@residual=0', None, 0, 4),
+    ('kivi2@residual=128', 'kivi2', None, 128, 4),
+    ('roles:8/4,4/2,2/2@group=16', 'roles:8/4,4/2,2@group=16', 16, 16, 4),
+    ('roles@fp_sinks=4', 'roles', 64, 16, 4),
+    ('roles@fp_sinks=0,residual=0', 'roles@residual=0,fp_sinks=0', 64, 0, 0),
+    ('4@fp_sinks=8', '4@fp_sinks=8', None, 32, 8),
 ])
-def test_scheme_options(text, canonical, group, residual):
-  """`@group=G,residual=R` set the scale group and the full-precision residual (role tables
-  default to group 64, residual 16; the rest to the cache's 32 / 32, KIVI-2's residual 128);
-  where they differ from the scheme's defaults they are part of the canonical text (cells that
-  differ in them are different methods), and the canonical text round-trips."""
+def test_scheme_options(text, canonical, group, residual, fp_sinks):
+  """`@group=G,residual=R,fp_sinks=F` set the scale group, the full-precision residual and
+  the full-precision first tokens (role tables default to group 64, residual 16; the rest to
+  the cache's 32 / 32, KIVI-2's residual 128; 4 first tokens everywhere); where they differ
+  from the scheme's defaults they are part of the canonical text (cells that differ in them
+  are different methods), and the canonical text round-trips."""
   scheme = bits_lib.parse_kv_bits(text)
-  assert (scheme.text, scheme.group, scheme.residual) == (canonical, group, residual)
+  assert (scheme.text, scheme.group, scheme.residual, scheme.fp_sinks) == (
+      canonical, group, residual, fp_sinks)
   assert bits_lib.parse_kv_bits(scheme.text) == scheme
   base = bits_lib.parse_kv_bits(text.partition('@')[0])
   assert (scheme.kind, scheme.role_bits, scheme.key_bits) == (base.kind, base.role_bits,
@@ -207,6 +212,7 @@ def test_scheme_options(text, canonical, group, residual):
     ('roles@group=x', "cannot parse option 'group=x'"),
     ('roles@', "cannot parse option ''"),
     ('roles@group=0', 'group=0 must be >= 1'),
+    ('roles@sinks=0', "cannot parse option 'sinks=0'"),  # the policy's sinks, not a storage option
 ])
 def test_bad_scheme_options(text, match):
   with pytest.raises(ValueError, match=match):

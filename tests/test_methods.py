@@ -348,8 +348,9 @@ def test_staging_budgets_that_hold_the_prompt_decode_as_one_shot(runner, name):
 
 
 def test_scheme_options_reach_the_cache():
-  """`@group=G,residual=R` of a --kv_bits text size the cache: G channels per scale + zero
-  (a smaller group holds more scale bytes) and an R-token full-precision residual."""
+  """`@group=G,residual=R,fp_sinks=F` of a --kv_bits text size the cache: G channels per
+  scale + zero (a smaller group holds more scale bytes), an R-token full-precision residual
+  and F full-precision first tokens."""
   kw = dict(num_layers=CFG.num_layers, num_kv_heads=2, head_dim=8, batch=1, capacity=200,
             chunk_size=16)
   caches = {g: methods.make_cache(methods.MethodSpec("snapkv", 64,
@@ -358,6 +359,16 @@ def test_scheme_options_reach_the_cache():
   assert {g: (c.quant_group, c.residual) for g, c in caches.items()} == {4: (4, 8), 8: (8, 8)}
   assert caches[4].nbytes > caches[8].nbytes
   assert caches[4].effective_bits > caches[8].effective_bits
+  # fp_sinks=F: the first F tokens in full precision; with no residual either, no window.
+  lean = methods.make_cache(methods.MethodSpec("snapkv", 64, kv_bits="4/2@residual=0,fp_sinks=0"),
+                            **kw)
+  sinks = methods.make_cache(methods.MethodSpec("snapkv", 64, kv_bits="4/2@residual=0,fp_sinks=6"),
+                             **kw)
+  assert (lean.fp_sinks, sinks.fp_sinks) == (0, 6)
+  assert all(p.fp is None for p in lean.pools)
+  assert [p.fp.pos.shape[-1] for p in sinks.pools if p.fp is not None] == [6]
+  assert lean.nbytes < sinks.nbytes and lean.effective_bits < sinks.effective_bits
+  assert lean.effective_bits == pytest.approx((4 + 2) / 2 + 32 / 8 + 32 / 64 / 2)
   with pytest.raises(ValueError, match="quant_group=3 must divide head_dim=8"):
     methods.make_cache(methods.MethodSpec("snapkv", 64, kv_bits="4@group=3"), **kw)
 

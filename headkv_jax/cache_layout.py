@@ -132,9 +132,11 @@ def layout(budgets, bits, adaptive: bool, chunk_size: int, page_size: int) -> La
     adaptive: adakv's shared blocks (one class per layer).
     chunk_size, page_size: as the cache's.
   """
-  as_tuple = lambda x: tuple(map(as_tuple, x)) if np.ndim(x) else int(x)
-  return _layout(as_tuple(np.asarray(budgets)), as_tuple(np.asarray(bits)), bool(adaptive),
-                 int(chunk_size), int(page_size))
+  # A cache holds nested tuples of ints already: they key the memo as they are (a cache's
+  # `layout` is read hundreds of times while a decode step is traced).
+  key = lambda x: (x if type(x) is tuple and all(type(r) is tuple for r in x)
+                   else nested_ints(np.asarray(x)))
+  return _layout(key(budgets), key(bits), bool(adaptive), int(chunk_size), int(page_size))
 
 
 def as_bits(bits, shape) -> np.ndarray:

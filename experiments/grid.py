@@ -426,6 +426,7 @@ def _run_shared(keys: Sequence[tuple], by_key: dict, runner, tokenizer, settings
   cells = list({k[:4]: by_key[k[:4]] for k in keys}.values())
   first = cells[0]
   window = shared_prefill.record_window([c.spec for c in cells])
+  accumulate = shared_prefill.record_accumulated([c.spec for c in cells])
   options = ({'longbench_dir': settings.longbench_dir}
              if first.task.startswith(tasks_lib.LONGBENCH_PREFIX) else {})
 
@@ -456,7 +457,7 @@ def _run_shared(keys: Sequence[tuple], by_key: dict, runner, tokenizer, settings
                                    **options)
       shared = shared_prefill.prefill(runner, [list(sample.prompt_tokens)],
                                       settings.max_new_tokens, window=window,
-                                      allow_long_context=True)
+                                      accumulate=accumulate, allow_long_context=True)
     except ValueError as e:
       logging.warning('%s sample %d skipped: %s', first.key(i)[1:3], i, e)
       for cell in cells:

@@ -19,7 +19,8 @@ The statistics, per layer and query head (reduced to KV heads per policy, by its
 ``gqa_reduce``):
 
     accumulated  [B, Hkv, G, P]     attention each key received, summed over every prompt query
-                                    (H2O's score)
+                                    (H2O's score; a second pass over the causal attention, so
+                                    recorded only when asked: ``accumulate=True``)
     window       [B, Hkv, G, W, P]  attention of the last ``W`` real queries (oldest first);
                                     the SnapKV family sums its last ``window <= W`` of them
 
@@ -43,7 +44,7 @@ QUERY_BLOCK = 256  # queries per block when summing attention (bounds the logits
 
 
 def attention_stats(q, k, positions, window: int, lse_rows=None,
-                    query_block: int = QUERY_BLOCK):
+                    query_block: int = QUERY_BLOCK, accumulate: bool = True):
   """Per-key attention statistics of one causal prompt.
 
   Args:
@@ -54,6 +55,7 @@ def attention_stats(q, k, positions, window: int, lse_rows=None,
     lse_rows: ``[B, Hkv, T * G]`` the row log-sum-exps of the prompt's own attention (what
       the dense cache's attention returns), or None to compute them here.
     query_block: queries per block of the tiled loops.
+    accumulate: whether to sum every query's attention (``accumulated``; None without it).
 
   Returns:
     ``accumulated [B, Hkv, G, T]`` and ``window [B, Hkv, G, W, T]`` float32 probabilities
@@ -63,12 +65,14 @@ def attention_stats(q, k, positions, window: int, lse_rows=None,
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   g = hq // hkv
-  if lse_rows is None:
-    _, m, l = attention.causal_attention(q, k, k, positions, block_size=query_block)
-    lse_rows = attention.row_lse(m, l)
-  # Accumulated: column sums of the causal softmax, from the row log-sum-exps.
-  accumulated = attention.causal_key_sums(q, k, positions, lse_rows, block_size=query_block,
-                                          key_block=query_block)
+  accumulated = None
+  if accumulate:
+    if lse_rows is None:
+      _, m, l = attention.causal_attention(q, k, k, positions, block_size=query_block)
+      lse_rows = attention.row_lse(m, l)
+    # Accumulated: column sums of the causal softmax, from the row log-sum-exps.
+    accumulated = attention.causal_key_sums(q, k, positions, lse_rows, block_size=query_block,
+                                            key_block=query_block)
 
   # Window: the last W real queries of each row, oldest first, against every key.
   qg = (q.astype(jnp.float32) * d**-0.5).reshape(b, t, hkv, g, d)
@@ -93,11 +97,15 @@ def slot_scores(policy: policies_lib.Policy, accumulated, window_probs):
   KeyDiff modes rank by the held keys' novelty too, which the cache computes when it
   evicts).
 
-  ``accumulated [B, Hkv, G, T]`` and ``window_probs [B, Hkv, G, W, T]`` come from
-  :func:`attention_stats`; the SnapKV family needs ``policy.window <= W``.
+  ``accumulated [B, Hkv, G, T]`` (None if not recorded) and ``window_probs [B, Hkv, G, W,
+  T]`` come from :func:`attention_stats`; the SnapKV family needs ``policy.window <= W``.
   """
   kind = policy.score_kind
   if kind == "accumulate":
+    if accumulated is None:
+      raise ValueError(f"Policy {policy.name!r} ranks by the attention every query gave, and "
+                       "this prefill did not record it; record with accumulate=True (see "
+                       "models.method_driver.record_accumulated).")
     return policies_lib.reduce_group(accumulated, policy.gqa_reduce, axis=2)
   if kind == "window":
     w = window_probs.shape[3]
@@ -106,7 +114,7 @@ def slot_scores(policy: policies_lib.Policy, accumulated, window_probs):
                        f"{w} queries were recorded; record with window >= {policy.window}.")
     per = jnp.sum(window_probs[:, :, :, w - policy.window:], axis=3)
     return policies_lib.reduce_group(per, policy.gqa_reduce, axis=2)  # [B, Hkv, T]
-  return jnp.zeros(accumulated.shape[:2] + accumulated.shape[3:], jnp.float32)
+  return jnp.zeros(window_probs.shape[:2] + window_probs.shape[4:], jnp.float32)
 
 
 @flax.struct.dataclass
@@ -119,22 +127,27 @@ class RecordingCache:
 
   Attributes:
     dense: the wrapped :class:`DenseKVCache` (attention and K/V storage).
-    accumulated, window_probs: per layer, the statistics (None before the layer ran).
+    accumulated, window_probs: per layer, the statistics (None before the layer ran;
+      ``accumulated`` stays None unless ``accumulate``).
     window: ``W``, static.
+    accumulate: whether ``accumulated`` is recorded (H2O needs it; it costs a second pass
+      over the causal attention, about half a prefill's attention), static.
   """
 
   dense: DenseKVCache
   accumulated: tuple
   window_probs: tuple
   window: int = flax.struct.field(pytree_node=False)
+  accumulate: bool = flax.struct.field(pytree_node=False, default=True)
 
   @classmethod
-  def create(cls, dense: DenseKVCache, window: int) -> "RecordingCache":
+  def create(cls, dense: DenseKVCache, window: int,
+             accumulate: bool = True) -> "RecordingCache":
     if window < 0:
       raise ValueError(f"window must be >= 0, got {window}.")
     n = len(dense.layers)
     return cls(dense=dense, accumulated=(None,) * n, window_probs=(None,) * n,
-               window=int(window))
+               window=int(window), accumulate=bool(accumulate))
 
   @property
   def nbytes(self) -> int:
@@ -163,7 +176,7 @@ class RecordingCache:
     """The dense cache's attention, plus this call's statistics for ``layer``."""
     out, lse_rows, dense = self.dense.attend_with_lse(layer, q, k, v, positions, rope)
     acc, win = attention_stats(rope.apply(q, positions), rope.apply(k, positions), positions,
-                               self.window, lse_rows)
+                               self.window, lse_rows, accumulate=self.accumulate)
 
     def put(seq, x):
       return seq[:layer] + (x,) + seq[layer + 1:]
@@ -200,12 +213,12 @@ def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Poli
   if policy.position_mode != "original":
     raise ValueError(f"compress_prompt supports position_mode='original' only, got "
                      f"{policy.position_mode!r}.")
-  if any(a is None for a in recorded.accumulated):
+  if any(w is None for w in recorded.window_probs):
     raise ValueError("The recording cache has no statistics yet; run the prompt through the "
                      "model first (one call, the whole prompt).")
   layers = recorded.dense.layers
   b, hkv, _, d = layers[0].k.shape
-  t = recorded.accumulated[0].shape[-1]  # tokens of the recorded call
+  t = recorded.window_probs[0].shape[-1]  # tokens of the recorded call
   cache = PagedKVCache.create(len(layers), b, hkv, d, budgets, policy, chunk_size=t,
                               dtype=layers[0].k.dtype, page_size=page_size, bits=bits,
                               rope=rope, quant_group=quant_group,
@@ -215,11 +228,12 @@ def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Poli
   stack = lambda xs: jnp.stack(list(xs))
   ks, vs = stack(lc.k[:, :, :t] for lc in layers), stack(lc.v[:, :, :t] for lc in layers)
   pos = stack(lc.positions[:, :t] for lc in layers)  # [L, B, T]
-  acc, win = stack(recorded.accumulated), stack(recorded.window_probs)
+  win = stack(recorded.window_probs)
+  acc = stack(recorded.accumulated) if recorded.accumulate else None
 
   def append(i, cache):
     # The recorded call filled slots [0, t) of every row (padding holds position -1).
-    scores = slot_scores(policy, acc[i], win[i])
+    scores = slot_scores(policy, None if acc is None else acc[i], win[i])
     return cache.append(i, ks[i], vs[i], pos[i], scores)
 
   cache = jax.lax.fori_loop(0, len(layers), append, cache)
@@ -229,7 +243,7 @@ def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Poli
 def check_one_shot(recorded: RecordingCache) -> None:
   """Raises if the recorded statistics miss tokens the dense cache holds (several calls)."""
   held = int(np.max(np.asarray(recorded.dense.layers[0].lengths)))
-  seen = recorded.accumulated[0].shape[-1]
+  seen = recorded.window_probs[0].shape[-1]
   if held > seen:
     raise ValueError(f"The cache holds {held} tokens but its statistics cover the last call's "
                      f"{seen}; prefill the whole prompt in one call for shared compression.")

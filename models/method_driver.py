@@ -123,14 +123,22 @@ def record_window(specs) -> int:
   return max([s.policy().window for s in specs if s.policy().score_kind == "window"] or [0])
 
 
-def recording_cache_maker(config, dtype, window: int) -> Callable[[int, int], object]:
+def record_accumulated(specs) -> bool:
+  """Whether a recording prefill must sum every query's attention for ``specs`` (H2O's
+  score; the others rank by the observation window or the keys, and skip that pass)."""
+  return any(s.policy().score_kind == "accumulate" for s in specs)
+
+
+def recording_cache_maker(config, dtype, window: int,
+                          accumulate: bool = True) -> Callable[[int, int], object]:
   """``make_cache(batch, capacity)`` for ``generation.prefill``: a dense cache that records
-  the statistics of the last ``window`` queries (``prompt_stats.RecordingCache``)."""
+  the statistics of the last ``window`` queries, and with ``accumulate`` every query's summed
+  attention (``prompt_stats.RecordingCache``)."""
 
   def make_cache(batch, capacity):
     dense = DenseKVCache.create(config.num_layers, batch, config.num_kv_heads, config.head_dim,
                                 capacity, dtype)
-    return prompt_stats.RecordingCache.create(dense, window)
+    return prompt_stats.RecordingCache.create(dense, window, accumulate)
 
   return make_cache
 
@@ -217,8 +225,8 @@ class MethodDriver:
   def make_cache(self, batch: int, capacity: int):
     """``generation.prefill``'s ``make_cache``: the cache the prompt is prefilled into."""
     if self.records_prefill:
-      window = record_window([self.spec])
-      return recording_cache_maker(self.config, self.dtype, window)(batch, capacity)
+      return recording_cache_maker(self.config, self.dtype, record_window([self.spec]),
+                                   record_accumulated([self.spec]))(batch, capacity)
     plan = self.plan
     if self.staging is not None:
       # The prefill keeps the final cache's full-precision residual (capped by the smallest
@@ -354,5 +362,5 @@ def _compress_recorded(recorded, plan: methods_lib.CachePlan, inv_freq: tuple):
 
 __all__ = ["MethodDriver", "method_hooks", "supports_shared_prefill", "resolve_spec",
            "rolled_budget_cap", "staging_budgets", "final_policy",
-           "record_window", "recording_cache_maker", "evict_while_decoding", "compress_chunk",
+           "record_window", "record_accumulated", "recording_cache_maker", "evict_while_decoding", "compress_chunk",
            "rechunk_for_decoding"]

@@ -57,6 +57,11 @@ def record_window(specs: Sequence[methods_lib.MethodSpec]) -> int:
   return method_driver.record_window(specs)
 
 
+def record_accumulated(specs: Sequence[methods_lib.MethodSpec]) -> bool:
+  """Whether a shared prefill must sum every query's attention for ``specs`` (H2O's score)."""
+  return method_driver.record_accumulated(specs)
+
+
 @dataclasses.dataclass
 class SharedPrefill:
   """One prompt batch prefilled once, ready to be compressed by any method.
@@ -81,9 +86,13 @@ class SharedPrefill:
 
 
 def prefill(runner: ModelRunner, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-            window: int, allow_long_context: bool = False) -> SharedPrefill:
-  """Prefills ``prompts`` once (one call) recording the last ``window`` queries' attention."""
-  make_cache = method_driver.recording_cache_maker(runner.config, runner.model.dtype, window)
+            window: int, accumulate: bool = True,
+            allow_long_context: bool = False) -> SharedPrefill:
+  """Prefills ``prompts`` once (one call) recording the last ``window`` queries' attention,
+  and with ``accumulate`` every query's summed attention (only H2O ranks by it:
+  :func:`record_accumulated`)."""
+  make_cache = method_driver.recording_cache_maker(runner.config, runner.model.dtype, window,
+                                                   accumulate)
   done = generation.prefill(runner, prompts, max_new_tokens, make_cache=make_cache,
                             allow_long_context=allow_long_context)
   prompt_stats.check_one_shot(done.cache)
@@ -150,11 +159,11 @@ def generate_shared(
   if len(profiles) != len(specs):
     raise ValueError(f"Got {len(profiles)} profiles for {len(specs)} specs.")
   shared = prefill(runner, prompts, max_new_tokens, window=record_window(specs),
-                   allow_long_context=allow_long_context)
+                   accumulate=record_accumulated(specs), allow_long_context=allow_long_context)
   results = [generate_from(runner, shared, s, profile=p, sampling=sampling, seed=seed,
                            eos_ids=eos_ids) for s, p in zip(specs, profiles)]
   return results, shared.prefill_s
 
 
-__all__ = ["supports", "check_supported", "record_window", "SharedPrefill", "prefill",
-           "generate_from", "generate_shared"]
+__all__ = ["supports", "check_supported", "record_window", "record_accumulated", "SharedPrefill",
+           "prefill", "generate_from", "generate_shared"]

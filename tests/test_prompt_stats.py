@@ -11,6 +11,7 @@ from headkv_jax import prompt_stats
 from headkv_jax.dense_cache import DenseKVCache
 from models.config import LlamaConfig
 from models.generation import generate
+from models import method_driver
 from models.method_driver import method_hooks
 from models.llama import Llama
 from models.runner import ModelRunner
@@ -107,6 +108,10 @@ def test_attention_stats_match_the_reference_probabilities():
   for row, n in ((0, 40), (1, 33)):
     np.testing.assert_allclose(np.asarray(win)[row], probs[row, :, :, n - w:n],
                                rtol=1e-5, atol=1e-6)
+  # Without the accumulated pass (no H2O among the methods) the window is the same.
+  none, win_only = prompt_stats.attention_stats(q, k, pos, w, query_block=16, accumulate=False)
+  assert none is None
+  np.testing.assert_array_equal(np.asarray(win_only), np.asarray(win))
 
 
 def test_compress_prompt_refuses_what_it_cannot_do():
@@ -124,3 +129,12 @@ def test_compress_prompt_refuses_what_it_cannot_do():
   acc, win = jnp.zeros((1, 2, 1, 16)), jnp.zeros((1, 2, 1, 4, 16))
   with pytest.raises(ValueError, match="window=32"):
     prompt_stats.slot_scores(policies.make_policy("snapkv"), acc, win)
+  # A prefill recorded without the accumulated attention (only H2O ranks by it) refuses H2O
+  # by name instead of ranking by zeros; the others never read it.
+  with pytest.raises(ValueError, match="'h2o' ranks by the attention every query gave"):
+    prompt_stats.slot_scores(policies.make_policy("h2o"), None, win)
+  assert prompt_stats.slot_scores(policies.make_policy("streamingllm"), None, win).shape == (
+      1, 2, 16)
+  specs = [methods.MethodSpec("snapkv", 8), methods.MethodSpec("headaware", 8)]
+  assert not method_driver.record_accumulated(specs)
+  assert method_driver.record_accumulated(specs + [methods.MethodSpec("h2o", 8)])

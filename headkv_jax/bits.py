@@ -346,6 +346,6 @@ def bits_label(bits) -> str:
   return f"{k}/{v}"
 
 
-__all__ = ["KINDS", "DEFAULT_RESIDUAL", "DEFAULT_SINKS", "KIVI_RESIDUAL", "ROLES_GROUP", "ROLES_RESIDUAL",
-           "DEFAULT_ROLE_BITS", "AVG_LADDER", "AVG_SCORE", "FORMS", "BitScheme", "parse_kv_bits", "allocate_bits", "mean_bits",
-           "bits_label"]
+__all__ = ["KINDS", "DEFAULT_RESIDUAL", "DEFAULT_SINKS", "KIVI_RESIDUAL", "ROLES_GROUP",
+           "ROLES_RESIDUAL", "DEFAULT_ROLE_BITS", "AVG_LADDER", "AVG_SCORE", "FORMS", "BitScheme",
+           "parse_kv_bits", "allocate_bits", "mean_bits", "bits_label"]

@@ -362,5 +362,5 @@ def _compress_recorded(recorded, plan: methods_lib.CachePlan, inv_freq: tuple):
 
 __all__ = ["MethodDriver", "method_hooks", "supports_shared_prefill", "resolve_spec",
            "rolled_budget_cap", "staging_budgets", "final_policy",
-           "record_window", "record_accumulated", "recording_cache_maker", "evict_while_decoding", "compress_chunk",
-           "rechunk_for_decoding"]
+           "record_window", "record_accumulated", "recording_cache_maker",
+           "evict_while_decoding", "compress_chunk", "rechunk_for_decoding"]

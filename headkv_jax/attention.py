@@ -269,6 +269,13 @@ def causal_attention(q, k, v, positions, *, block_size: int = 512, key_block: in
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   group = hq // hkv
+  if t == 1:  # a decode step: the token sees itself only (what the loop below computes)
+    _, _, (q_rows, kt, vt), _, q_pos_rows = _blocked_chunk(q, k, v, positions, 1)
+    real = (q_pos_rows >= 0)[:, None, :]  # [B, 1, G]
+    o = jnp.broadcast_to(vt.astype(jnp.float32), (b, hkv, group, d))  # softmax weight 1
+    return (jnp.where(real[..., None], o, 0.0),
+            jnp.where(real, tile_logits(q_rows, kt)[..., 0], _NEG_INF),
+            jnp.where(real, jnp.ones((b, hkv, group), jnp.float32), 0.0))
   tile = min(key_block, t)
   block = min(block_size, -(-t // tile) * tile)
   tile = min(tile, block)

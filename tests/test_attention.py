@@ -55,6 +55,24 @@ def test_causal_attention_matches_brute_force(t, block, key_block):
   assert np.all(np.asarray(got)[1, t - 13:] == 0), "padding queries see nothing"
 
 
+def test_one_token_chunk_sees_itself_with_weight_one():
+  """A decode step's own part (t == 1, no loop): o = its value, m = its scaled logit, l = 1;
+  a padding row sees nothing (o = l = 0, m = the "no key" floor), as the tile loop of a longer chunk gives
+  for its first token."""
+  q, k, v, pos = _ragged(2, seed=3, lengths=[2, 0])
+  o, m, l = (np.asarray(x) for x in attention.causal_attention(
+      *(jnp.asarray(x[:, :1]) for x in (q, k, v, pos))))
+  loop = [np.asarray(x)[:, :, :3] for x in attention.causal_attention(
+      jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(pos))]
+  np.testing.assert_array_equal(o[0], np.repeat(v[0, 0][:, None], 3, axis=1))  # [Hkv, G, D]
+  np.testing.assert_array_equal(l[0], 1.0)
+  want = np.einsum("hgd,hd->hg", q[0, 0].reshape(2, 3, 8), k[0, 0]) / np.sqrt(8)
+  np.testing.assert_allclose(m[0], want, rtol=1e-6)
+  assert np.all(o[1] == 0) and np.all(l[1] == 0) and np.all(m[1] <= -1e30)  # _NEG_INF
+  for got, ref in zip((o, m, l), loop):
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
 @pytest.mark.parametrize("tile", [5, 16, 40])
 def test_tiled_attention_over_a_cache_counts_each_key_once(tile):
   """A traced tile count reads the filled prefix once; a shifted last tile adds nothing twice."""

@@ -94,6 +94,13 @@ def _tile_mix(p, vb):
                     preferred_element_type=jnp.float32)
 
 
+def _own_logits(q, k):
+  """A one-token chunk's logit against its own key: ``q [B, 1, Hq, D]`` (unscaled), ``k [B,
+  1, Hkv, D]`` -> ``[B, Hkv, G]`` float32, as a tile loop over that chunk computes it."""
+  q_rows = fold_queries(q * (q.shape[-1]**-0.5), k.shape[2])  # [B, Hkv, G, D]
+  return tile_logits(q_rows, k.transpose(0, 2, 1, 3))[..., 0]
+
+
 def _online_update(carry, q_rows, kb, vb, mask=None):
   """One key tile folded into an online softmax ``(o, m, l)``; ``mask`` None = all visible."""
   return _online_logits(carry, tile_logits(q_rows, kb), vb, mask)
@@ -270,11 +277,10 @@ def causal_attention(q, k, v, positions, *, block_size: int = 512, key_block: in
   hkv = k.shape[2]
   group = hq // hkv
   if t == 1:  # a decode step: the token sees itself only (what the loop below computes)
-    _, _, (q_rows, kt, vt), _, q_pos_rows = _blocked_chunk(q, k, v, positions, 1)
-    real = (q_pos_rows >= 0)[:, None, :]  # [B, 1, G]
-    o = jnp.broadcast_to(vt.astype(jnp.float32), (b, hkv, group, d))  # softmax weight 1
-    return (jnp.where(real[..., None], o, 0.0),
-            jnp.where(real, tile_logits(q_rows, kt)[..., 0], _NEG_INF),
+    real = (positions[:, 0] >= 0)[:, None, None]  # [B, 1, 1]
+    o = jnp.broadcast_to(v.astype(jnp.float32).transpose(0, 2, 1, 3), (b, hkv, group, d))
+    return (jnp.where(real[..., None], o, 0.0),  # softmax weight 1 on its own value
+            jnp.where(real, _own_logits(q, k), _NEG_INF),
             jnp.where(real, jnp.ones((b, hkv, group), jnp.float32), 0.0))
   tile = min(key_block, t)
   block = min(block_size, -(-t // tile) * tile)
@@ -338,10 +344,8 @@ def causal_key_sums(q, k, positions, lse_rows, *, block_size: int = 256,
   hkv = k.shape[2]
   group = hq // hkv
   if t == 1:  # a decode step: the token's own key, seen by itself
-    q_rows = fold_queries(q * (d**-0.5), hkv)  # [B, Hkv, G, D]
-    logit = jnp.einsum("bhrd,bhd->bhr", q_rows, k[:, 0], preferred_element_type=jnp.float32)
     seen = (positions[:, 0] >= 0)[:, None, None]
-    return jnp.where(seen, jnp.exp(logit - lse_rows), 0.0)[..., None]  # [B, Hkv, G, 1]
+    return jnp.where(seen, jnp.exp(_own_logits(q, k) - lse_rows), 0.0)[..., None]  # [B, Hkv, G, 1]
   block, padded, (q_rows, kt), positions, q_pos_rows = _blocked_chunk(
       q, k, None, positions, block_size)
   lse_rows = jnp.pad(lse_rows, ((0, 0), (0, 0), (0, (padded - t) * group)))

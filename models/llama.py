@@ -35,8 +35,21 @@ class RMSNorm(nnx.Module):
     return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
+class Linear(nnx.Linear):
+  """``nnx.Linear`` computed as one 2-D matmul over the flattened leading axes.
+
+  XLA:CPU runs a ``[B, T, H] x [H, O]`` dot slower than the same dot on ``[B * T, H]``: at
+  2,048 tokens SmolLM2's MLP took 67 ms per layer as rank-3 dots and 55 ms as rank-2 ones
+  (2 CPU cores, float32). Same parameters and results as ``nnx.Linear``.
+  """
+
+  def __call__(self, x):
+    lead = x.shape[:-1]
+    return super().__call__(x.reshape(-1, x.shape[-1])).reshape(lead + (-1,))
+
+
 def _linear(din, dout, dtype, rngs, bias=False):
-  return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+  return Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -71,7 +84,9 @@ class MLP(nnx.Module):
     self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, dtype, rngs)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    flat = x.reshape(-1, x.shape[-1])  # [B * T, H]: see Linear
+    out = self.down_proj(jax.nn.silu(self.gate_proj(flat)) * self.up_proj(flat))
+    return out.reshape(x.shape)
 
 
 class DecoderLayer(nnx.Module):
@@ -121,7 +136,9 @@ class Llama(nnx.Module):
     """``[..., H]`` -> float32 logits ``[..., vocab]``."""
     if self.config.tie_word_embeddings:
       w = self.embed_tokens.embedding[...]  # [V, H]
-      return jnp.einsum("...h,vh->...v", x, w, preferred_element_type=jnp.float32)
+      flat = x.reshape(-1, x.shape[-1])  # a rank-2 dot, as in Linear
+      logits = jnp.einsum("nh,vh->nv", flat, w, preferred_element_type=jnp.float32)
+      return logits.reshape(x.shape[:-1] + (-1,))
     return self.lm_head(x).astype(jnp.float32)
 
   def __call__(self, tokens, positions=None, cache=None, *, last_only: bool = False):

@@ -31,6 +31,8 @@ class RoPE:
 
   inv_freq: jnp.ndarray
   attention_scaling: float = flax.struct.field(pytree_node=False, default=1.0)
+  # (positions, cos, sin) precomputed by :meth:`at`, or None.
+  table: tuple | None = None
 
   def angles(self, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """positions ``[...]`` int -> cos, sin ``[..., head_dim // 2]`` float32 of the angles
@@ -65,9 +67,24 @@ class RoPE:
     angles = digits[..., None] * self.inv_freq  # [3, 256, D/2]
     return jnp.cos(angles), jnp.sin(angles)
 
+  def at(self, positions: jnp.ndarray, angles=None) -> "RoPE":
+    """This RoPE with the angles of ``positions`` computed once (or given: ``angles = (cos,
+    sin)`` from :meth:`angles` of the same positions, e.g. made by another program).
+
+    :meth:`apply` called with that very ``positions`` array reads them instead of
+    computing them again. It matters on XLA:CPU: fused into a rotation, cos and sin are
+    evaluated again for every head and every channel pair, and a 2,048-token prefill's
+    query rotation took 4.9 ms against 0.14 ms from given angles (one SmolLM2 layer).
+    """
+    cos, sin = self.angles(positions) if angles is None else angles
+    return self.replace(table=(positions, cos, sin))
+
   def apply(self, x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
     """Rotates ``x [B, T, H, D]`` by ``positions [B, T]``; computed in float32."""
-    cos, sin = self.angles(positions)  # [B, T, D/2]
+    if self.table is not None and self.table[0] is positions:  # see :meth:`at`
+      cos, sin = self.table[1:]
+    else:
+      cos, sin = self.angles(positions)  # [B, T, D/2]
     return self.rotate(x, cos[:, :, None, :], sin[:, :, None, :])
 
 

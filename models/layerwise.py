@@ -55,22 +55,28 @@ class LayerwiseForward:
     def embed(params, tokens):
       return pin(nnx.merge(graphdef, params).embed(tokens), tokens.shape[0])  # [B, T, H]
 
-    @jit(donate_argnames=("x", "cache"))
-    def layer(layer_params, x, positions, cache):
-      block = nnx.merge(layer_graphdef, layer_params)
-      return pin(block(x, positions, config.make_rope(), 0, cache), x.shape[0])
+    @jit
+    def angles(positions):  # once per call, not in every layer (see RoPE.at)
+      return config.make_rope().angles(positions)  # cos, sin [B, T, D/2]
 
     @jit(donate_argnames=("x", "cache"))
-    def traced_layer(layer_params, x, positions, cache, index):
+    def layer(layer_params, x, positions, angles, cache):
       block = nnx.merge(layer_graphdef, layer_params)
-      return pin(block(x, positions, config.make_rope(), index, cache), x.shape[0])
+      rope = config.make_rope().at(positions, angles)
+      return pin(block(x, positions, rope, 0, cache), x.shape[0])
+
+    @jit(donate_argnames=("x", "cache"))
+    def traced_layer(layer_params, x, positions, angles, cache, index):
+      block = nnx.merge(layer_graphdef, layer_params)
+      rope = config.make_rope().at(positions, angles)
+      return pin(block(x, positions, rope, index, cache), x.shape[0])
 
     @jit(static_argnames=("last_only",))
     def head(params, x, positions, last_only):
       model = nnx.merge(graphdef, params)
       return pin(model.head(model.norm(x), positions, last_only=last_only), x.shape[0])
 
-    self._embed, self._layer, self._head = embed, layer, head
+    self._embed, self._layer, self._head, self._angles = embed, layer, head, angles
     self._traced_layer = traced_layer
 
   def __call__(self, tokens, positions, cache, *, last_only: bool = False):
@@ -78,14 +84,16 @@ class LayerwiseForward:
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
     x = self._embed(self._params, tokens)  # [B, T, H]
+    angles = self._angles(positions)
     for i in range(self.num_layers):
       if cache is None:
-        x, _ = self._layer(self._layer_params[i], x, positions, None)
+        x, _ = self._layer(self._layer_params[i], x, positions, angles, None)
       elif getattr(cache, "traced_layers", False):
-        x, cache = self._traced_layer(self._layer_params[i], x, positions, cache,
+        x, cache = self._traced_layer(self._layer_params[i], x, positions, angles, cache,
                                       jnp.int32(i))
       else:
-        x, view = self._layer(self._layer_params[i], x, positions, cache.layer_view(i))
+        x, view = self._layer(self._layer_params[i], x, positions, angles,
+                              cache.layer_view(i))
         cache = cache.with_layer_view(i, view)
     return self._head(self._params, x, positions, last_only), cache
 

@@ -689,3 +689,27 @@ def test_rotate_by_digit_table_is_rope():
   mid = np.abs(pos) < 2**17
   np.testing.assert_allclose(got[mid], want[mid], atol=0.03)
   np.testing.assert_allclose(got[np.abs(pos) < 300], want[np.abs(pos) < 300], atol=1e-4)
+
+
+def test_rope_at_reuses_its_angles_for_its_own_positions_only():
+  """``RoPE.at(positions)`` (angles computed once per prefill chunk, outside the layer
+  programs) rotates exactly as computing them in place, bit for bit, under jit with the
+  angles made by another program; ``apply`` with any other positions array computes that
+  array's own angles (a table read for the wrong positions would rotate by O(1) wrong)."""
+  import jax
+  d = 64
+  rope = rope_lib.RoPE(inv_freq=jnp.asarray(rope_lib.rope_inv_freq(d, 10000.0), jnp.float32))
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 5, 3, d)), jnp.float32)
+  pos = jnp.asarray([[0, 1, 2, 3, 4], [7, 8, 9, -1, -1]], jnp.int32)
+  other = pos + 100
+  angles = jax.jit(rope.angles)(pos)
+
+  @jax.jit
+  def both(x, pos, other, angles):
+    at = rope.at(pos, angles)
+    return at.apply(x, pos), at.apply(x, other)
+
+  same, moved = both(x, pos, other, angles)
+  np.testing.assert_array_equal(np.asarray(same), np.asarray(jax.jit(rope.apply)(x, pos)))
+  np.testing.assert_array_equal(np.asarray(moved), np.asarray(jax.jit(rope.apply)(x, other)))
+  assert not np.allclose(np.asarray(moved), np.asarray(same), atol=1e-2)

@@ -81,3 +81,21 @@ def test_unsupported_configs_are_named(bad, match):
   hf.update(bad)
   with pytest.raises(ValueError, match=match):
     LlamaConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 8), (2, 3, 8), (5, 8)])
+def test_linear_is_nnx_linear(dtype, shape):
+  """``llama.Linear`` (one rank-2 dot over the flattened tokens; a single bfloat16 row given
+  a zero row to ride with) computes exactly what ``nnx.Linear`` does with the same
+  parameters, for one token, a batch of chunks and a plain matrix; a wrong reshape or a
+  padding row left in the output would change the shape or the values."""
+  from flax import nnx
+  from models.llama import Linear
+  ours = Linear(8, 6, use_bias=True, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+  ref = nnx.Linear(8, 6, use_bias=True, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), dtype)
+  got, want = ours(x), ref(x)
+  assert got.shape == want.shape == shape[:-1] + (6,)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=1e-6, atol=1e-6)

@@ -15,8 +15,8 @@ An entry is one safetensors file: every nnx variable of the model under its '/'-
 abstract state, pickled (building them with ``nnx.eval_shape`` costs ~2 s of tracing 210
 initialisers). Its key hashes the source's resolved path, size and mtime (for a directory,
 those of every file in it), the dtype, this cache's format, the flax and jax versions and the
-source code of every module in `models/` (the model class, its config, the converters), so an
-edited checkpoint, converter or model misses the cache. A corrupt, truncated or stale entry is
+source code of the `models/` modules that loading imports (the model class, its config, the
+converters and readers), so an edited checkpoint, converter or model misses the cache. A corrupt, truncated or stale entry is
 reported with a warning and converted again, never fatal; saving is atomic (a temporary file
 renamed into place) and replaces the older entries of the same source name and dtype, so the
 cache holds one file per model and dtype.
@@ -27,6 +27,7 @@ where only you can write, which the default (``~/.cache/headkv_jax/params``) is.
 
 from __future__ import annotations
 
+import ast
 import base64
 import functools
 import hashlib
@@ -48,9 +49,12 @@ from models.llama import Llama
 
 FORMAT = "headkv_jax.params/2"  # bump when the entry layout changes
 SUFFIX = ".safetensors"
-# The code that decides the cached graph and values: every module of this package (the model,
-# its layers, the converters), so an edit anywhere in models/ converts once more.
+# The code that decides the cached graph and values: the modules of this package that loading
+# and this cache import, directly or through each other (the model and its layers, its config,
+# the converters and readers; see _code_files), so an edit there converts once more and an
+# edit of generation or the runner does not.
 _CODE_DIR = pathlib.Path(__file__).resolve().parent
+_CODE_ROOTS = ("loading", "params_cache")
 # dtypes safetensors' numpy backend cannot hold, stored as same-width unsigned bits.
 _AS_BITS = {jnp.dtype(jnp.bfloat16): np.uint16}
 
@@ -69,11 +73,32 @@ def _stamp(source: pathlib.Path) -> str:
   return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
+def _code_files() -> list[pathlib.Path]:
+  """The ``models/`` modules :data:`_CODE_ROOTS` import, transitively (read from their
+  ``import`` statements, so a module added to that chain is hashed without a list to edit)."""
+  package = _CODE_DIR.name
+  seen, todo = set(), list(_CODE_ROOTS)
+  while todo:
+    name = todo.pop()
+    path = _CODE_DIR / f"{name}.py"
+    if name in seen or not path.is_file():
+      continue
+    seen.add(name)
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+      if isinstance(node, ast.ImportFrom) and node.module == package:
+        todo += [alias.name for alias in node.names]  # from models import x
+      elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package + "."):
+        todo.append(node.module.split(".")[1])  # from models.x import y
+      elif isinstance(node, ast.Import):
+        todo += [a.name.split(".")[1] for a in node.names if a.name.startswith(package + ".")]
+  return sorted(_CODE_DIR / f"{name}.py" for name in seen)
+
+
 @functools.cache
 def _code_digest() -> str:
   """A hash of the library versions and model code an entry was written with."""
   digest = hashlib.sha256(f"flax {flax.__version__} jax {jax.__version__}".encode())
-  for path in sorted(_CODE_DIR.glob("*.py")):
+  for path in _code_files():
     digest.update(path.name.encode() + b"\0" + path.read_bytes())
   return digest.hexdigest()[:16]
 

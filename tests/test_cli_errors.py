@@ -352,6 +352,16 @@ def test_params_cache_key_follows_the_source(tiny_hf_dir, tmp_path):
     os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
+def test_params_cache_key_hashes_the_code_that_loading_imports():
+  """The key hashes the model, its config, the converters and the readers (what loading
+  imports, followed through their imports), not generation or the runner: editing those
+  must not convert the embedded model again (+5 s a run), editing the model must."""
+  names = {path.stem for path in params_cache._code_files()}
+  assert {"llama", "config", "weights", "gguf_checkpoint", "hf_checkpoint", "loading",
+          "params_cache"} <= names
+  assert not names & {"generation", "runner", "layerwise", "method_driver", "shared_prefill"}
+
+
 def test_default_params_cache_is_for_embedded_aliases_only(tiny_hf_dir, tmp_path,
                                                            jax_cache_config):
   loading.set_default_params_cache(tmp_path)

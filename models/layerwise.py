@@ -59,17 +59,19 @@ class LayerwiseForward:
     def angles(positions):  # once per call, not in every layer (see RoPE.at)
       return config.make_rope().angles(positions)  # cos, sin [B, T, D/2]
 
+    def make_rope(positions, angles):
+      rope = config.make_rope()
+      return rope if angles is None else rope.at(positions, angles)
+
     @jit(donate_argnames=("x", "cache"))
     def layer(layer_params, x, positions, angles, cache):
       block = nnx.merge(layer_graphdef, layer_params)
-      rope = config.make_rope().at(positions, angles)
-      return pin(block(x, positions, rope, 0, cache), x.shape[0])
+      return pin(block(x, positions, make_rope(positions, angles), 0, cache), x.shape[0])
 
     @jit(donate_argnames=("x", "cache"))
     def traced_layer(layer_params, x, positions, angles, cache, index):
       block = nnx.merge(layer_graphdef, layer_params)
-      rope = config.make_rope().at(positions, angles)
-      return pin(block(x, positions, rope, index, cache), x.shape[0])
+      return pin(block(x, positions, make_rope(positions, angles), index, cache), x.shape[0])
 
     @jit(static_argnames=("last_only",))
     def head(params, x, positions, last_only):
@@ -84,7 +86,10 @@ class LayerwiseForward:
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
     x = self._embed(self._params, tokens)  # [B, T, H]
-    angles = self._angles(positions)
+    # A cache that rotates keys by their slot (position_mode="cache_relative") never rotates
+    # by the positions: their angles are not computed (nor any position past the context).
+    rolled = getattr(getattr(cache, "policy", None), "position_mode", None) == "cache_relative"
+    angles = None if rolled else self._angles(positions)
     for i in range(self.num_layers):
       if cache is None:
         x, _ = self._layer(self._layer_params[i], x, positions, angles, None)

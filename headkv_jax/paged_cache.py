@@ -700,11 +700,19 @@ class PagedKVCache:
       seen = jnp.any(observed, axis=1)  # [B]
       if logits is not None:
         cache = cache._scores_from_logits(layer, logits[..., self._tile_size():], lse, seen)
+        sums = attention.causal_key_sums(qr, k_t, positions, lse)  # [B, Hkv, G, T]
       else:
+        rows = (q_rows, q_pos_rows, lse)
+        if self.policy.score_kind == "window" and self.policy.window < t:
+          rows = self._window_rows(tok_valid, group, *rows)  # the only rows that count
         for c, heads in self._layer_loops(layer):
-          cache = cache._collect_scores(layer, c, heads, q_rows, q_pos_rows, lse, rope, group,
-                                        seen)
-      sums = attention.causal_key_sums(qr, k_t, positions, lse)  # [B, Hkv, G, T]
+          cache = cache._collect_scores(layer, c, heads, *rows, rope, group, seen)
+        if rows[0] is q_rows:
+          sums = attention.causal_key_sums(qr, k_t, positions, lse)  # [B, Hkv, G, T]
+        else:  # the window's rows over the chunk's own keys
+          tile = min(TILE, t)
+          sums = attention.tiled_key_sums(rows[0], rows[1], k_new, positions, rows[2],
+                                          group=group, tile=tile, num_tiles=-(-t // tile))
       new_scores = policies_lib.reduce_group(sums, self.policy.gqa_reduce, axis=2)
     return out, cache._write(layer, k_store, vt, positions, new_scores)
 
@@ -1009,6 +1017,27 @@ class PagedKVCache:
       return tok_valid
     n_real = jnp.sum(tok_valid, axis=1, keepdims=True)  # [B, 1]
     return tok_valid & (rank >= n_real - self.policy.window)
+
+  def _window_rows(self, tok_valid, group: int, q_rows, q_pos_rows, lse):
+    """The folded query rows of each batch row's observation window -> ``(q_rows [B, Hkv,
+    W * G, D], q_pos_rows [B, W * G], lse [B, Hkv, W * G])``, ``W = window``.
+
+    A "window" statistic sums the attention of a chunk's last ``window`` real queries only
+    (every other row has ``lse = +inf`` and adds exact zeros), so its passes over the held
+    slots and over the chunk's own keys read these rows instead of all ``T * G``: a
+    1,024-token chunk's statistic costs 32 rows, not 1,024. A row's real tokens are a
+    prefix of the chunk, so its window is the ``W`` tokens ending at its last real one; a
+    row with fewer real tokens reads its padding too, whose rows see no key (position
+    ``-1``) and count nothing (``lse = +inf``).
+    """
+    b, t = tok_valid.shape
+    w = self.policy.window
+    first = jnp.maximum(jnp.sum(tok_valid, axis=1) - w, 0)  # [B]
+    tok = first[:, None] + jnp.arange(w, dtype=jnp.int32)  # [B, W], < T
+    idx = (tok[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)).reshape(b, w * group)
+    return (jnp.take_along_axis(q_rows, idx[:, None, :, None], axis=2),
+            jnp.take_along_axis(q_pos_rows, idx, axis=1),
+            jnp.take_along_axis(lse, idx[:, None, :], axis=2))
 
   def _with_pool(self, c: int, pool: Pool) -> "PagedKVCache":
     return self.replace(pools=self.pools[:c] + (pool,) + self.pools[c + 1:])

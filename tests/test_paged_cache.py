@@ -474,6 +474,39 @@ def test_collected_scores_match_numpy(name, gqa_reduce, score_mode):
   np.testing.assert_allclose(cache.view(0)[3][..., :t], want, atol=1e-5)
 
 
+@pytest.mark.parametrize("name, score_mode", [("snapkv", "latest"),
+                                              ("headaware", "accumulate")])
+def test_window_scores_of_a_ragged_chunk_match_numpy(name, score_mode):
+  """A chunk's observation-window statistic reads only the rows of each batch row's last
+  ``window`` real queries (``PagedKVCache._window_rows``): with rows of 12 and 9 tokens in
+  chunks of 8 (the second chunk holds 4 and 1 real tokens, fewer than the window of 3 for
+  the second row, the rest padding), every held slot's and every new key's score is the
+  numpy sum of exactly those queries' attention; a window taken from the wrong tokens, or
+  padding rows counted, would move a score by O(1/T)."""
+  batch, t, hq, hkv, window, chunk = 2, 12, 6, 3, 3, 8
+  lengths = [12, 9]
+  stack = random_stack(11, 1, batch, t, hq, hkv)
+  positions = np.broadcast_to(np.arange(t, dtype=np.int32), (batch, t)).copy()
+  positions[1, lengths[1]:] = -1
+  positions = jnp.asarray(positions)
+  policy = policies.make_policy(name, window=window, score_mode=score_mode)
+  cache = PagedKVCache.create(1, batch, hkv, D, np.array([[12, 16, 12]]), policy,
+                              chunk_size=chunk, dtype=jnp.float32, page_size=4)
+  _, probs = dense_reference(*stack[0], positions, with_probs=True)  # [B, Hq, T, T]
+  for s in range(0, t, chunk):
+    _, cache = attend_layers(cache, [tuple(x[:, s:s + chunk] for x in stack[0])],
+                             positions[:, s:s + chunk], ROPE)
+  for b, n in enumerate(lengths):
+    calls = [(max(s, min(s + chunk, n) - window), min(s + chunk, n))
+             for s in range(0, n, chunk)]
+    if score_mode == "latest":
+      calls = calls[-1:]
+    want = sum(probs[b, :, lo:hi].sum(axis=1) for lo, hi in calls)  # [Hq, T]
+    want = want.reshape(hkv, hq // hkv, t).mean(axis=1)
+    np.testing.assert_allclose(cache.view(0)[3][b, :, :n], want[:, :n], atol=1e-5,
+                               err_msg=f"row {b}")
+
+
 def _novelty_reference(keys, valid):
   """numpy KeyDiff: 1 - cos(k, normalised mean of the unit keys) over the valid slots."""
   unit = keys / np.linalg.norm(keys, axis=-1, keepdims=True)

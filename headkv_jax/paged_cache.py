@@ -703,7 +703,7 @@ class PagedKVCache:
         sums = attention.causal_key_sums(qr, k_t, positions, lse)  # [B, Hkv, G, T]
       else:
         rows = (q_rows, q_pos_rows, lse)
-        if self.policy.score_kind == "window" and self.policy.window < t:
+        if self.policy.score_kind == "window" and 0 < self.policy.window < t:
           rows = self._window_rows(tok_valid, group, *rows)  # the only rows that count
         for c, heads in self._layer_loops(layer):
           cache = cache._collect_scores(layer, c, heads, *rows, rope, group, seen)

@@ -474,16 +474,17 @@ def test_collected_scores_match_numpy(name, gqa_reduce, score_mode):
   np.testing.assert_allclose(cache.view(0)[3][..., :t], want, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, score_mode", [("snapkv", "latest"),
-                                              ("headaware", "accumulate")])
-def test_window_scores_of_a_ragged_chunk_match_numpy(name, score_mode):
+@pytest.mark.parametrize("name, score_mode, window", [
+    ("snapkv", "latest", 3), ("headaware", "accumulate", 3), ("snapkv", "latest", 0)])
+def test_window_scores_of_a_ragged_chunk_match_numpy(name, score_mode, window):
   """A chunk's observation-window statistic reads only the rows of each batch row's last
   ``window`` real queries (``PagedKVCache._window_rows``): with rows of 12 and 9 tokens in
   chunks of 8 (the second chunk holds 4 and 1 real tokens, fewer than the window of 3 for
   the second row, the rest padding), every held slot's and every new key's score is the
-  numpy sum of exactly those queries' attention; a window taken from the wrong tokens, or
-  padding rows counted, would move a score by O(1/T)."""
-  batch, t, hq, hkv, window, chunk = 2, 12, 6, 3, 3, 8
+  numpy sum of exactly those queries' attention (a window of 0: none, every score 0); a
+  window taken from the wrong tokens, or padding rows counted, would move a score by
+  O(1/T)."""
+  batch, t, hq, hkv, chunk = 2, 12, 6, 3, 8
   lengths = [12, 9]
   stack = random_stack(11, 1, batch, t, hq, hkv)
   positions = np.broadcast_to(np.arange(t, dtype=np.int32), (batch, t)).copy()
@@ -501,7 +502,8 @@ def test_window_scores_of_a_ragged_chunk_match_numpy(name, score_mode):
              for s in range(0, n, chunk)]
     if score_mode == "latest":
       calls = calls[-1:]
-    want = sum(probs[b, :, lo:hi].sum(axis=1) for lo, hi in calls)  # [Hq, T]
+    want = sum(probs[b, :, lo:hi].sum(axis=1) for lo, hi in calls if hi > lo)  # [Hq, T]
+    want = np.zeros((hq, t)) if isinstance(want, int) else want
     want = want.reshape(hkv, hq // hkv, t).mean(axis=1)
     np.testing.assert_allclose(cache.view(0)[3][b, :, :n], want[:, :n], atol=1e-5,
                                err_msg=f"row {b}")

@@ -16,10 +16,10 @@ abstract state, pickled (building them with ``nnx.eval_shape`` costs ~2 s of tra
 initialisers). Its key hashes the source's resolved path, size and mtime (for a directory,
 those of every file in it), the dtype, this cache's format, the flax and jax versions and the
 source code of the `models/` modules that loading imports (the model class, its config, the
-converters and readers), so an edited checkpoint, converter or model misses the cache. A corrupt, truncated or stale entry is
-reported with a warning and converted again, never fatal; saving is atomic (a temporary file
-renamed into place) and replaces the older entries of the same source name and dtype, so the
-cache holds one file per model and dtype.
+converters and readers), so an edited checkpoint, converter or model misses the cache. A
+corrupt, truncated or stale entry is reported with a warning and converted again, never fatal;
+saving is atomic (a temporary file renamed into place) and replaces the older entries of the
+same source name and dtype, so the cache holds one file per model and dtype.
 
 Like JAX's compilation cache, the directory is trusted (an entry holds a pickle): keep it
 where only you can write, which the default (``~/.cache/headkv_jax/params``) is.

@@ -698,21 +698,22 @@ class PagedKVCache:
       # A row this call observes nothing of (its prompt ended in an earlier chunk) keeps its
       # scores: "latest" replaces them only with a window that exists.
       seen = jnp.any(observed, axis=1)  # [B]
-      if logits is not None:
+      # A "window" statistic of a chunk longer than the window reads the window's rows only.
+      windowed = self.policy.score_kind == "window" and 0 < self.policy.window < t
+      rows = (q_rows, q_pos_rows, lse)
+      if windowed:
+        rows = self._window_rows(tok_valid, group, *rows)
+      if logits is not None:  # a decode step (t == 1: never windowed)
         cache = cache._scores_from_logits(layer, logits[..., self._tile_size():], lse, seen)
-        sums = attention.causal_key_sums(qr, k_t, positions, lse)  # [B, Hkv, G, T]
       else:
-        rows = (q_rows, q_pos_rows, lse)
-        if self.policy.score_kind == "window" and 0 < self.policy.window < t:
-          rows = self._window_rows(tok_valid, group, *rows)  # the only rows that count
         for c, heads in self._layer_loops(layer):
           cache = cache._collect_scores(layer, c, heads, *rows, rope, group, seen)
-        if rows[0] is q_rows:
-          sums = attention.causal_key_sums(qr, k_t, positions, lse)  # [B, Hkv, G, T]
-        else:  # the window's rows over the chunk's own keys
-          tile = min(TILE, t)
-          sums = attention.tiled_key_sums(rows[0], rows[1], k_new, positions, rows[2],
-                                          group=group, tile=tile, num_tiles=-(-t // tile))
+      if windowed:  # the window's rows over the chunk's own keys
+        tile = min(TILE, t)
+        sums = attention.tiled_key_sums(*rows[:2], k_new, positions, rows[2], group=group,
+                                        tile=tile, num_tiles=-(-t // tile))
+      else:
+        sums = attention.causal_key_sums(qr, k_t, positions, lse)  # [B, Hkv, G, T]
       new_scores = policies_lib.reduce_group(sums, self.policy.gqa_reduce, axis=2)
     return out, cache._write(layer, k_store, vt, positions, new_scores)
 

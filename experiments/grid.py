@@ -34,6 +34,7 @@ from headkv_jax import bits as bits_lib
 from headkv_jax import memory_maps
 from headkv_jax import methods
 from headkv_jax import profile as profile_lib
+from models import method_driver
 from models import shared_prefill
 
 GRID_NAMES = ('default', 'quick', 'paper')
@@ -426,7 +427,7 @@ def _run_shared(keys: Sequence[tuple], by_key: dict, runner, tokenizer, settings
   cells = list({k[:4]: by_key[k[:4]] for k in keys}.values())
   first = cells[0]
   window = shared_prefill.record_window([c.spec for c in cells])
-  accumulate = shared_prefill.record_accumulated([c.spec for c in cells])
+  accumulate = method_driver.record_accumulated([c.spec for c in cells])
   options = ({'longbench_dir': settings.longbench_dir}
              if first.task.startswith(tasks_lib.LONGBENCH_PREFIX) else {})
 

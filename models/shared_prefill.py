@@ -57,11 +57,6 @@ def record_window(specs: Sequence[methods_lib.MethodSpec]) -> int:
   return method_driver.record_window(specs)
 
 
-def record_accumulated(specs: Sequence[methods_lib.MethodSpec]) -> bool:
-  """Whether a shared prefill must sum every query's attention for ``specs`` (H2O's score)."""
-  return method_driver.record_accumulated(specs)
-
-
 @dataclasses.dataclass
 class SharedPrefill:
   """One prompt batch prefilled once, ready to be compressed by any method.
@@ -159,11 +154,12 @@ def generate_shared(
   if len(profiles) != len(specs):
     raise ValueError(f"Got {len(profiles)} profiles for {len(specs)} specs.")
   shared = prefill(runner, prompts, max_new_tokens, window=record_window(specs),
-                   accumulate=record_accumulated(specs), allow_long_context=allow_long_context)
+                   accumulate=method_driver.record_accumulated(specs),
+                   allow_long_context=allow_long_context)
   results = [generate_from(runner, shared, s, profile=p, sampling=sampling, seed=seed,
                            eos_ids=eos_ids) for s, p in zip(specs, profiles)]
   return results, shared.prefill_s
 
 
-__all__ = ["supports", "check_supported", "record_window", "record_accumulated", "SharedPrefill",
+__all__ = ["supports", "check_supported", "record_window", "SharedPrefill",
            "prefill", "generate_from", "generate_shared"]

@@ -57,8 +57,8 @@ def test_causal_attention_matches_brute_force(t, block, key_block):
 
 def test_one_token_chunk_sees_itself_with_weight_one():
   """A decode step's own part (t == 1, no loop): o = its value, m = its scaled logit, l = 1;
-  a padding row sees nothing (o = l = 0, m = the "no key" floor), as the tile loop of a longer chunk gives
-  for its first token."""
+  a padding row sees nothing (o = l = 0, m = the "no key" floor), as the tile loop of a
+  longer chunk gives for its first token."""
   q, k, v, pos = _ragged(2, seed=3, lengths=[2, 0])
   o, m, l = (np.asarray(x) for x in attention.causal_attention(
       *(jnp.asarray(x[:, :1]) for x in (q, k, v, pos))))

@@ -30,6 +30,8 @@ compiled program serves every layer (layer-by-layer prefill calls one program 30
 Attention reads each head's own slots tile by tile, each tile one contiguous run of its
 region (:func:`headkv_jax.attention.tile_loop`), over as many tiles as the layer's longest
 head of the class holds: no per-head K/V view padded to the largest head is materialised.
+A decode step of a static layer reads a loop's heads in one tile each, their whole regions
+(static slices: a decode cache's region is its budget and a page of headroom).
 Eviction ranks per-slot metadata over the smallest static view that holds the layer's
 longest head and moves K/V within the layer's block (:mod:`headkv_jax.eviction`).
 
@@ -680,7 +682,8 @@ class PagedKVCache:
       cached = attention.empty_partial(b, hkv, t * group, d)
       for c, heads in self._layer_loops(layer):  # the middle slots, loop by loop
         cached, logits, cache = cache._attend_pool(layer, c, q_rows, q_pos_rows, rope,
-                                                   cached, logits, edges=False, heads=heads)
+                                                   cached, logits, edges=False, heads=heads,
+                                                   whole=t == 1)
       for c in self._layer_classes(layer):  # the full-precision edges, class by class
         if cache.pools[c].fp is not None:
           cached, logits, cache = cache._attend_pool(layer, c, q_rows, q_pos_rows, rope,
@@ -734,7 +737,8 @@ class PagedKVCache:
       raise ValueError(f"{k.shape[2]} new tokens exceed chunk_size={self.chunk_size}.")
     return self._write(layer, k, v, positions, scores.astype(jnp.float32))
 
-  def _passes(self, layer, c: int, edges: bool | str = True, heads=None):
+  def _passes(self, layer, c: int, edges: bool | str = True, heads=None,
+              whole: bool = False):
     """How the held slots of ``layer``'s class-``c`` heads are read: a list of passes
     ``(num_tiles, slots, size, fp)``. ``slots(j) -> (s, start, valid)`` is tile ``j`` of the
     pass for every head: the run of ``size`` pool slots from ``start [B, Hkv]``, ``s [B,
@@ -751,7 +755,8 @@ class PagedKVCache:
     an edge slot, and no tile pays for the window. ``edges=False`` gives the middle pass
     only, ``edges="only"`` the edge runs only (the Pallas path reads the middle itself).
     ``heads``: the static heads to read (:meth:`_class_heads`; ``Hkv`` above is then their
-    number), None for all. Returns ``(lo, hi, passes)``, ``lo, hi [B, Hkv]``."""
+    number), None for all. ``whole``: the middle pass may be one tile over each head's whole
+    region (:meth:`_whole_region`). Returns ``(lo, hi, passes)``, ``lo, hi [B, Hkv]``."""
     n = _pick(self._class_lengths(layer, c), heads)
     off = _pick(self.offsets[:, layer], heads)
     num_slots = self.pools[c].positions.shape[1]
@@ -768,7 +773,13 @@ class PagedKVCache:
       lo = jnp.minimum(self.fp_sinks, n)
       hi = jnp.maximum(n - self.residual, lo)
     passes = []
-    if edges != "only":
+    region = self._whole_region(layer, heads, num_slots) if whole else None
+    if edges != "only" and region is not None:
+      start, size = region  # static: the region's slots are s = 0 .. size - 1
+      s = np.broadcast_to(np.arange(size, dtype=np.int32), start.shape + (size,))
+      valid = (s >= lo[..., None]) & (s < hi[..., None])
+      passes.append((1, lambda j: (s, start, valid), size, None))
+    elif edges != "only":
       tile = min(self._tile_size(), num_slots)
 
       def tiles(j):
@@ -783,6 +794,27 @@ class PagedKVCache:
           size = min(size, num_slots)
           passes.append((1, lambda j, a=first, z=last, k=size: run(a, a, z, k), size, fp))
     return lo, hi, passes
+
+  def _whole_region(self, layer, heads, num_slots: int):
+    """A decode step's read of a static ``layer``'s heads (``heads``, None: all) as one tile
+    per head over its whole region -> ``(start [B, Hkv] numpy, size)``, or None where tiles
+    are better. A region is static where the layout is (not adakv's, whose regions move), so
+    the tile is a static slice of the pool, no gather (:func:`headkv_jax.slot_pool.runs`):
+    XLA:CPU ran SmolLM2's decode step's 256-slot tile loops 1.7x slower than one read per
+    region. Only where the region is no longer than the tiles a held budget needs (a decode
+    cache's region is its budget and a page of headroom) and every head's read stays inside
+    its pool."""
+    if not isinstance(layer, (int, np.integer)) or self.layout.adaptive:
+      return None
+    layer = int(layer)
+    hs = list(range(self.num_kv_heads)) if heads is None else list(heads)
+    size = int(self.layout.region[layer, hs].max())
+    first = self.layout.first_slot[layer, hs].astype(np.int32)  # [Hkv]
+    tile = self._tile_size()
+    need = -(-(int(np.asarray(self.budgets)[layer, hs].max()) + self.page_size) // tile) * tile
+    if size <= 0 or size > need or int(first.max()) + size > num_slots:
+      return None
+    return np.broadcast_to(first, (self.batch, len(hs))), size
 
   def _tile_size(self) -> int:
     return min(TILE, self.layout.max_region)
@@ -822,7 +854,7 @@ class PagedKVCache:
     return kb, vb, valid[:, :, None, :] & (kp[:, :, None, :] <= q_pos) & (q_pos >= 0)
 
   def _attend_pool(self, layer, c, q_rows, q_pos_rows, rope, init, logits=None,
-                   edges: bool | str = True, heads="class"):
+                   edges: bool | str = True, heads="class", whole: bool = False):
     """Folds the held slots of ``layer``'s class-``c`` heads into the online softmax ->
     ``(part, logits, cache)``. ``logits [B, Hkv, R, >= max_region]``: also records each held
     slot's logit there (by slot in its region; a decode step's statistics then need no
@@ -830,7 +862,7 @@ class PagedKVCache:
     read (a :meth:`_layer_loops` loop's; None: all), by default the class's
     (:meth:`_class_heads`). ``cache`` is this cache with pool ``c`` as the tile loops return
     it (:func:`~headkv_jax.attention.tile_loop`'s ``through``): write into it, not into
-    ``self``, and XLA updates the pool in place."""
+    ``self``, and XLA updates the pool in place. ``whole``: a decode step (:meth:`_passes`)."""
     pad = self._tile_size()
     if heads == "class":  # a mixed layer reads each class's own heads only
       heads = self._class_heads(layer, c)
@@ -841,7 +873,7 @@ class PagedKVCache:
     buf = None if logits is None else _pick(logits, heads)
     pool = self.pools[c]
     turns = self._turns(rope)
-    for num_tiles, slots, size, fp in self._passes(layer, c, edges, heads)[2]:
+    for num_tiles, slots, size, fp in self._passes(layer, c, edges, heads, whole)[2]:
 
       def fetch(j, pool, slots=slots, size=size, fp=fp):
         return self._with_pool(c, pool)._read_tile(c, slots(j), size, fp, ks, q_pos, rope,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def round_up(x, multiple: int):
@@ -37,7 +38,18 @@ def gather(pool, idx):
 def runs(pool, starts, size: int):
   """``pool [B, S, ...]``, ``starts [B, Hkv]`` (``<= S - size``) -> the ``size`` consecutive
   slots from each start, ``[B, Hkv, size, ...]``: one contiguous block per head (a head's
-  slots are consecutive), far cheaper than gathering slot by slot."""
+  slots are consecutive), far cheaper than gathering slot by slot. Static ``starts`` (a
+  numpy array, the same in every row) are static slices, no gather: one slice and a reshape
+  where the blocks follow one another."""
+  if isinstance(starts, np.ndarray):
+    first = [int(st) for st in starts[0]]
+    if (starts == starts[:1]).all():
+      if first == list(range(first[0], first[0] + len(first) * size, size)):
+        block = pool[:, first[0]:first[0] + len(first) * size]
+        return block.reshape(pool.shape[:1] + (len(first), size) + pool.shape[2:])
+      return jnp.stack([pool[:, st:st + size] for st in first], axis=1)
+    starts = jnp.asarray(starts)
+
   def row(p, st):  # p [S, ...], st [Hkv]
     return jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(p, s, size, axis=0))(st)
 

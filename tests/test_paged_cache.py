@@ -418,6 +418,49 @@ def test_paged_decode_reference_matches_attend():
   assert np.isfinite(np.asarray(lse)).all()
 
 
+@pytest.mark.parametrize("name, bits, mode", [
+    ("snapkv", None, "original"), ("h2o", (4, 16, 2), "original"),
+    ("streamingllm", None, "cache_relative")])
+def test_a_decode_step_reads_whole_regions_as_its_tiles_do(name, bits, mode, monkeypatch):
+  """A decode step reads each head's region of a static layer in one static slice
+  (``_whole_region``, no gather); it must give the outputs, statistics and pools of the
+  256-slot tile loops it replaces, for ragged regions longer than a tile (a loop's heads of
+  unequal regions read past the shorter ones, masked), quantized classes and rolled keys."""
+  layers, batch, hq, hkv, chunk, t = 2, 2, 6, 3, 64, 704
+  stack = random_stack(11, layers, batch, t, hq, hkv)
+  positions = np.broadcast_to(np.arange(t, dtype=np.int32), (batch, t)).copy()
+  positions[1, t - 40:] = -1  # a ragged batch: row 1 is shorter
+  positions = jnp.asarray(positions)
+  policy = policies.make_policy(name, position_mode=mode)
+  budgets = np.array([[300, 40, 520], [500, 520, 260]])
+  cache = PagedKVCache.create(
+      layers, batch, hkv, D, budgets, policy, chunk_size=chunk, dtype=jnp.float32,
+      page_size=16, bits=None if bits is None else np.array([bits, bits]), quant_group=4,
+      residual=8, fp_sinks=2)
+  _, cache = run_stack(cache, stack, positions, spans("chunked", t - 1, chunk, 0))
+  cache = cache.rechunk(1)
+  last = [tuple(x[:, t - 1:] for x in qkv) for qkv in stack]
+  whole = []
+  real = PagedKVCache._whole_region
+
+  def spy(self, *args):
+    whole.append(real(self, *args))
+    return whole[-1]
+
+  def step(whole_regions):
+    monkeypatch.setattr(PagedKVCache, "_whole_region",
+                        spy if whole_regions else lambda self, *args: None)
+    return jax.jit(lambda *a: _attend_every_layer(*a))(cache, last, positions[:, t - 1:], ROPE)
+
+  tiled, tiled_cache = step(False)
+  outs, new_cache = step(True)
+  assert any(w is not None for w in whole) and max(w[1] for w in whole if w) > 256
+  for a, b in zip(tiled, outs):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(tiled_cache), jax.tree_util.tree_leaves(new_cache)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_headroom_compress_amortises_decode_eviction():
   layers, batch, t, hq, hkv, chunk = 1, 1, 20, 2, 1, 4
   (q, k, v), = random_stack(9, layers, batch, t, hq, hkv)

@@ -674,8 +674,8 @@ class PagedKVCache:
     cache = self  # the pools as the tile loops pass them on (written in place after them)
     logits = None  # a decode step keeps its slot logits for the statistic (one pass)
     if t == 1 and observed is not None and not kernel:
-      logits = jnp.full((b, hkv, group, self._slot_buffer(self.layout.max_region)), -jnp.inf,
-                        jnp.float32)
+      logits = jnp.full((b, hkv, group, self._slot_buffer(self._layer_view(layer))),
+                        -jnp.inf, jnp.float32)
     if kernel:  # the fused Pallas kernel reads the codes in place
       cached, cache = kernel_decode.cached_partial(self, layer, q_rows, positions)
     else:
@@ -815,6 +815,16 @@ class PagedKVCache:
     if size <= 0 or size > need or int(first.max()) + size > num_slots:
       return None
     return np.broadcast_to(first, (self.batch, len(hs))), size
+
+  def _layer_view(self, layer) -> int:
+    """The most slots a head of ``layer`` can hold, static: its largest region for a Python
+    int layer of fixed regions (head-aware's heads at 20,000 tokens and budget 1,024 hold
+    36 .. 10,986 slots: a layer of short heads sums a decode step's statistic over its own
+    regions, not the model's longest), else ``layout.max_region``."""
+    lay = self.layout
+    if isinstance(layer, (int, np.integer)) and not lay.adaptive:
+      return max(int(lay.region[int(layer)].max()), 1)
+    return lay.max_region
 
   def _tile_size(self) -> int:
     return min(TILE, self.layout.max_region)

@@ -423,9 +423,11 @@ def test_paged_decode_reference_matches_attend():
     ("streamingllm", None, "cache_relative")])
 def test_a_decode_step_reads_whole_regions_as_its_tiles_do(name, bits, mode, monkeypatch):
   """A decode step reads each head's region of a static layer in one static slice
-  (``_whole_region``, no gather); it must give the outputs, statistics and pools of the
-  256-slot tile loops it replaces, for ragged regions longer than a tile (a loop's heads of
-  unequal regions read past the shorter ones, masked), quantized classes and rolled keys."""
+  (``_whole_region``, no gather) and keeps its slot logits in a buffer of the layer's longest
+  region (``_layer_view``); it must give the outputs, statistics and pools of the 256-slot
+  tile loops over the model's longest region it replaces, for ragged regions longer than a
+  tile (a loop's heads of unequal regions read past the shorter ones, masked), quantized
+  classes and rolled keys."""
   layers, batch, hq, hkv, chunk, t = 2, 2, 6, 3, 64, 704
   stack = random_stack(11, layers, batch, t, hq, hkv)
   positions = np.broadcast_to(np.arange(t, dtype=np.int32), (batch, t)).copy()
@@ -441,7 +443,7 @@ def test_a_decode_step_reads_whole_regions_as_its_tiles_do(name, bits, mode, mon
   cache = cache.rechunk(1)
   last = [tuple(x[:, t - 1:] for x in qkv) for qkv in stack]
   whole = []
-  real = PagedKVCache._whole_region
+  real, real_view = PagedKVCache._whole_region, PagedKVCache._layer_view
 
   def spy(self, *args):
     whole.append(real(self, *args))
@@ -450,6 +452,9 @@ def test_a_decode_step_reads_whole_regions_as_its_tiles_do(name, bits, mode, mon
   def step(whole_regions):
     monkeypatch.setattr(PagedKVCache, "_whole_region",
                         spy if whole_regions else lambda self, *args: None)
+    # The tiles' statistic buffer spans the model's longest region.
+    monkeypatch.setattr(PagedKVCache, "_layer_view", real_view if whole_regions else
+                        lambda self, layer: self.layout.max_region)
     return jax.jit(lambda *a: _attend_every_layer(*a))(cache, last, positions[:, t - 1:], ROPE)
 
   tiled, tiled_cache = step(False)

@@ -866,9 +866,9 @@ class PagedKVCache:
   def _attend_pool(self, layer, c, q_rows, q_pos_rows, rope, init, logits=None,
                    edges: bool | str = True, heads="class", whole: bool = False):
     """Folds the held slots of ``layer``'s class-``c`` heads into the online softmax ->
-    ``(part, logits, cache)``. ``logits [B, Hkv, R, >= max_region]``: also records each held
-    slot's logit there (by slot in its region; a decode step's statistics then need no
-    second pass). ``edges``: which slots (:meth:`_passes`). ``heads``: the static heads to
+    ``(part, logits, cache)``. ``logits [B, Hkv, R, N]`` (:meth:`_slot_buffer` of
+    :meth:`_layer_view`): also records each held slot's logit there (by slot in its region;
+    a decode step's statistics then need no second pass). ``edges``: which slots (:meth:`_passes`). ``heads``: the static heads to
     read (a :meth:`_layer_loops` loop's; None: all), by default the class's
     (:meth:`_class_heads`). ``cache`` is this cache with pool ``c`` as the tile loops return
     it (:func:`~headkv_jax.attention.tile_loop`'s ``through``): write into it, not into

@@ -804,27 +804,35 @@ class PagedKVCache:
     region. Only where the region is no longer than the tiles a held budget needs (a decode
     cache's region is its budget and a page of headroom) and every head's read stays inside
     its pool."""
-    if not isinstance(layer, (int, np.integer)) or self.layout.adaptive:
+    regions = self._fixed_regions(layer)
+    if regions is None:
       return None
-    layer = int(layer)
     hs = list(range(self.num_kv_heads)) if heads is None else list(heads)
-    size = int(self.layout.region[layer, hs].max())
-    first = self.layout.first_slot[layer, hs].astype(np.int32)  # [Hkv]
-    tile = self._tile_size()
-    need = -(-(int(np.asarray(self.budgets)[layer, hs].max()) + self.page_size) // tile) * tile
+    size = int(regions[hs].max())
+    first = self.layout.first_slot[int(layer), hs].astype(np.int32)  # [Hkv]
+    need = int(self._decode_tiles()[int(layer), hs].max()) * self._tile_size()
     if size <= 0 or size > need or int(first.max()) + size > num_slots:
       return None
     return np.broadcast_to(first, (self.batch, len(hs))), size
+
+  def _fixed_regions(self, layer):
+    """``layout.region[layer]`` (numpy ``[Hkv]``) where it is static: a Python int layer of
+    a layout whose regions never move (every layout but adakv's); else None."""
+    if not isinstance(layer, (int, np.integer)) or self.layout.adaptive:
+      return None
+    return self.layout.region[int(layer)]
 
   def _layer_view(self, layer) -> int:
     """The most slots a head of ``layer`` can hold, static: its largest region for a Python
     int layer of fixed regions (head-aware's heads at 20,000 tokens and budget 1,024 hold
     36 .. 10,986 slots: a layer of short heads sums a decode step's statistic over its own
     regions, not the model's longest), else ``layout.max_region``."""
-    lay = self.layout
-    if isinstance(layer, (int, np.integer)) and not lay.adaptive:
-      return max(int(lay.region[int(layer)].max()), 1)
-    return lay.max_region
+    regions = self._fixed_regions(layer)
+    return self.layout.max_region if regions is None else max(int(regions.max()), 1)
+
+  def _decode_tiles(self) -> np.ndarray:
+    """``[L, Hkv]`` tiles a head's budget plus a page of decode headroom fills."""
+    return -(-(np.asarray(self.budgets) + self.page_size) // self._tile_size())
 
   def _tile_size(self) -> int:
     return min(TILE, self.layout.max_region)
@@ -918,9 +926,8 @@ class PagedKVCache:
     loops: one per class over every head, or one per (class, head) running its own head's
     tiles (none outside the class), whichever costs less summed over the layers.
     """
-    tile = self._tile_size()
     classes = self._layer_classes(layer)
-    tiles = -(-(np.asarray(self.budgets) + self.page_size) // tile)  # [L, Hkv]
+    tiles = self._decode_tiles()  # [L, Hkv]
     hkv = self.num_kv_heads
     if not isinstance(layer, (int, np.integer)):
       class_of = np.asarray(self.layout.class_of)  # [L, Hkv]

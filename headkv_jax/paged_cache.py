@@ -126,15 +126,32 @@ def _at(table, layer):
   return jnp.asarray(table)[layer]
 
 
+def _run_of(heads) -> int | None:
+  """The first of static ``heads`` that follow one another (e.g. ``(1, 2)``), else None."""
+  heads = [int(h) for h in heads]
+  return heads[0] if heads == list(range(heads[0], heads[0] + len(heads))) else None
+
+
 def _pick(x, heads, axis: int = 1):
-  """``x`` restricted to the static ``heads`` along ``axis`` (all of it for None)."""
-  return x if heads is None else jnp.take(x, jnp.asarray(heads, jnp.int32), axis=axis)
+  """``x`` restricted to the static ``heads`` along ``axis`` (all of it for None): a static
+  slice where the heads follow one another (a decode step does this per tile loop and
+  layer; a slice fuses into its reader, a gather is a kernel of its own)."""
+  if heads is None:
+    return x
+  first = _run_of(heads)
+  if first is not None:
+    return jax.lax.slice_in_dim(x, first, first + len(heads), axis=axis)
+  return jnp.take(x, jnp.asarray(heads, jnp.int32), axis=axis)
 
 
 def _put(x, heads, part, axis: int = 1):
-  """``x`` with the static ``heads`` along ``axis`` replaced by ``part`` (``part`` for None)."""
+  """``x`` with the static ``heads`` along ``axis`` replaced by ``part`` (``part`` for None):
+  an in-place update of a slice where the heads follow one another, else a scatter."""
   if heads is None:
     return part
+  first = _run_of(heads)
+  if first is not None:
+    return jax.lax.dynamic_update_slice_in_dim(x, part.astype(x.dtype), first, axis=axis)
   index = (slice(None),) * axis + (jnp.asarray(heads, jnp.int32),)
   return x.at[index].set(part)
 
@@ -146,6 +163,11 @@ def _first_key_channels(old, k, stored):
   T, D]`` per channel (``stored [B, Hkv, T]``); set once, so a kept key's dequantized value
   never changes."""
   x = k.astype(jnp.float32)
+  if k.shape[2] == 1:  # one token (a decode step): its mean is itself, its deviation 0
+    new = jnp.stack([jnp.where(stored, x[:, :, 0], 0.0),
+                     jnp.full(x[:, :, 0].shape, KEY_SCALE_FLOOR, jnp.float32)], axis=2)
+    unset = jnp.all(old[:, :, 1] == 0, axis=-1) & stored[..., 0]  # [B, Hkv]
+    return jnp.where(unset[..., None, None], new.astype(old.dtype), old)
   count = jnp.maximum(jnp.sum(stored, axis=-1, dtype=jnp.int32), 1)[..., None]  # [B, Hkv, 1]
   mean = jnp.sum(jnp.where(stored[..., None], x, 0.0), axis=2) / count  # [B, Hkv, D]
   var = jnp.sum(jnp.where(stored[..., None], jnp.square(x - mean[:, :, None]), 0.0),
@@ -162,7 +184,13 @@ def _record_tile(buf, s, values, valid, pad: int):
   at index ``pad + slot`` where ``valid [B, Hkv, tile]``; ``s [B, Hkv, tile]`` are the tile's
   slots in their regions, consecutive from ``s[..., 0]`` (clipped: a tile past a head's
   region writes nothing valid)."""
-  at = jnp.clip(s[..., 0] + pad, 0, buf.shape[-1] - values.shape[-1])
+  last = buf.shape[-1] - values.shape[-1]
+  if isinstance(s, np.ndarray) and (s[..., 0] == s.flat[0]).all():  # one static start
+    at = min(max(int(s.flat[0]) + pad, 0), last)
+    old = jax.lax.slice_in_dim(buf, at, at + values.shape[-1], axis=3)
+    new = jnp.where(valid[:, :, None, :], values.astype(buf.dtype), old)
+    return jax.lax.dynamic_update_slice_in_dim(buf, new, at, axis=3)
+  at = jnp.clip(s[..., 0] + pad, 0, last)
   return slot_pool.update_runs(buf, at, values, valid[:, :, None, :])
 
 
@@ -439,6 +467,10 @@ class PagedKVCache:
     fp = self.pools[c].fp
     if fp is None:
       return None
+    if isinstance(layer, (int, np.integer)):  # static rows: slices where they follow on
+      rows = np.clip(self.layout.fp_row[int(layer)], 0, fp.pos.shape[1] - 1)  # [Hkv]
+      rows = rows if heads is None else rows[list(heads)]
+      return jax.tree_util.tree_map(lambda x: _pick(x, tuple(rows.tolist())), fp)
     rows = _pick(jnp.maximum(_at(self.layout.fp_row, layer), 0), heads, axis=0)  # [Hkv]
     return FpWindow(k=fp.k[:, rows], v=fp.v[:, rows], pos=fp.pos[:, rows])
 

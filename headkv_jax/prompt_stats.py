@@ -243,7 +243,10 @@ def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Poli
 
 def check_one_shot(recorded: RecordingCache) -> None:
   """Raises if the recorded statistics miss tokens the dense cache holds (several calls)."""
-  held = int(np.max(np.asarray(recorded.dense.layers[0].lengths)))
+  lengths = recorded.dense.layers[0].lengths
+  if isinstance(lengths, jax.core.Tracer):  # shapes only (jax.eval_shape): nothing to check
+    return
+  held = int(np.max(np.asarray(lengths)))
   seen = recorded.window_probs[0].shape[-1]
   if held > seen:
     raise ValueError(f"The cache holds {held} tokens but its statistics cover the last call's "

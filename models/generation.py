@@ -188,7 +188,9 @@ def prefill(
   ``chunk_size`` columns (the last padded with position ``-1``), so one program serves every
   chunk; the hooks run after each chunk and after the last one. ``while_computing(cache,
   lengths) -> wait`` is called once the prefill is dispatched, before its results are
-  waited for, and ``wait()`` after (:func:`generate` compiles the decode block there).
+  waited for and before ``after_prefill`` runs, with the shapes (``jax.ShapeDtypeStruct``
+  leaves) of the cache ``after_prefill`` will return; ``wait()`` is called at the end
+  (:func:`generate` compiles the decode block there).
   """
   cfg = runner.config
   if max_new_tokens < 0:
@@ -226,9 +228,13 @@ def prefill(
       cache = after_prefill_chunk(cache)
 
   prefill_cache_bytes = int(getattr(cache, "nbytes", 0))
+  wait = None
+  if while_computing is not None:  # from the shapes the hook will return, before it runs:
+    # the hook's own first compile (e.g. a one-shot compression's) overlaps the callee's
+    final = cache if after_prefill is None else jax.eval_shape(after_prefill, cache)
+    wait = while_computing(final, lengths)
   if after_prefill is not None:
     cache = after_prefill(cache)
-  wait = None if while_computing is None else while_computing(cache, lengths)
   jax.block_until_ready((last_logits, cache))
   seconds = time.perf_counter() - t0
   if wait is not None:

@@ -236,6 +236,26 @@ def test_key_channels_keep_an_outlier_channel_from_erasing_the_others(bits):
   assert err.max() <= (np.abs(k[0, :, 0, 1:group]).max() * 2 + 1) / levels  # their own range
 
 
+def test_a_decode_steps_key_channels_are_a_chunks_with_that_token_alone_stored():
+  """A one-token write (every decode step) fixes the channels of a head without any by a
+  shorter formula; it must equal the general one's on a chunk where only that token is
+  stored (mean = the token, deviation 0, scale at the floor), and leave set heads alone."""
+  from headkv_jax import paged_cache
+  rng = np.random.RandomState(5)
+  b, hkv = 2, 3
+  k = jnp.asarray(rng.randn(b, hkv, 1, D).astype(np.float32))
+  old = jnp.asarray(rng.randn(b, hkv, 2, D).astype(np.float16))
+  old = old.at[0, 1, 1].set(0).at[1, 2, 1].set(0).at[1, 0, 1].set(0)  # heads with no channels
+  stored = jnp.asarray([[[True], [True], [True]], [[False], [True], [True]]])
+  one = paged_cache._first_key_channels(old, k, stored)
+  two = paged_cache._first_key_channels(
+      old, jnp.concatenate([k, 3.0 + k], axis=2),
+      jnp.concatenate([stored, jnp.zeros_like(stored)], axis=2))
+  np.testing.assert_array_equal(np.asarray(one, np.float32), np.asarray(two, np.float32))
+  changed = np.any(np.asarray(one != old), axis=(2, 3))
+  assert changed.tolist() == [[False, True, False], [False, False, True]]
+
+
 @pytest.mark.parametrize("drive", ["chunked", "decode"])
 def test_mixed_bits_in_one_layer_match_each_class_alone(drive):
   """Heads of different bit classes in one layer: each head attends, and its statistic

@@ -189,8 +189,9 @@ def prefill(
   chunk; the hooks run after each chunk and after the last one. ``while_computing(cache,
   lengths) -> wait`` is called once the prefill is dispatched, before its results are
   waited for and before ``after_prefill`` runs, with the shapes (``jax.ShapeDtypeStruct``
-  leaves) of the cache ``after_prefill`` will return; ``wait()`` is called at the end
-  (:func:`generate` compiles the decode block there).
+  leaves) of the cache ``after_prefill`` will return (after it, with its result, for a hook
+  that needs concrete values); ``wait()`` is called at the end (:func:`generate` compiles
+  the decode block there).
   """
   cfg = runner.config
   if max_new_tokens < 0:
@@ -228,13 +229,19 @@ def prefill(
       cache = after_prefill_chunk(cache)
 
   prefill_cache_bytes = int(getattr(cache, "nbytes", 0))
-  wait = None
+  wait = final = None
   if while_computing is not None:  # from the shapes the hook will return, before it runs:
     # the hook's own first compile (e.g. a one-shot compression's) overlaps the callee's
-    final = cache if after_prefill is None else jax.eval_shape(after_prefill, cache)
-    wait = while_computing(final, lengths)
+    try:
+      final = cache if after_prefill is None else jax.eval_shape(after_prefill, cache)
+    except TypeError:  # a hook that needs concrete values (jax's tracer errors): after it
+      final = None
+    if final is not None:
+      wait = while_computing(final, lengths)
   if after_prefill is not None:
     cache = after_prefill(cache)
+  if while_computing is not None and final is None:
+    wait = while_computing(cache, lengths)
   jax.block_until_ready((last_logits, cache))
   seconds = time.perf_counter() - t0
   if wait is not None:

@@ -123,11 +123,8 @@ def test_block_edges(runner, new, block):
     generate(runner, prompts, new, block_size=0)
 
 
-@pytest.mark.parametrize("name, kv_bits", [("full", "16"), ("h2o", "16"), ("headaware", "4/2")])
-def test_decode_block_compiles_while_the_prefill_computes(name, kv_bits):
-  """``generate`` compiles the decode block from the prefilled cache's shapes in a thread,
-  before waiting for the prefill: the decode then runs that very program (compiled once,
-  in that thread, not again at the first block) and gives the tokens it gives without."""
+def _decode_block_compiles(run):
+  """``run()``'s result and the names of the threads that compiled a decode block in it."""
   compiled_by = []
 
   def listen(event, duration, fun_name="", **kwargs):
@@ -135,17 +132,47 @@ def test_decode_block_compiles_while_the_prefill_computes(name, kv_bits):
     if event == "/jax/core/compile/backend_compile_duration" and "decode_block" in fun_name:
       compiled_by.append(threading.current_thread().name)
 
-  kwargs = _method_kwargs(name, kv_bits)
-  model = Llama(CFG, rngs=nnx.Rngs(5))
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
-    ahead = generate(ModelRunner(model), _prompts(), NEW, block_size=BLOCK, **kwargs)
-    threads = list(compiled_by)
-    compiled_by.clear()
-    plain = generate(ModelRunner(model), _prompts(), NEW, block_size=BLOCK,
-                     compile_ahead=False, **kwargs)
+    return run(), compiled_by
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
+
+
+@pytest.mark.parametrize("name, kv_bits", [("full", "16"), ("h2o", "16"), ("headaware", "4/2")])
+def test_decode_block_compiles_while_the_prefill_computes(name, kv_bits):
+  """``generate`` compiles the decode block from the prefilled cache's shapes in a thread,
+  before waiting for the prefill: the decode then runs that very program (compiled once,
+  in that thread, not again at the first block) and gives the tokens it gives without."""
+  kwargs = _method_kwargs(name, kv_bits)
+  model = Llama(CFG, rngs=nnx.Rngs(5))
+  ahead, threads = _decode_block_compiles(
+      lambda: generate(ModelRunner(model), _prompts(), NEW, block_size=BLOCK, **kwargs))
+  plain, compiled_by = _decode_block_compiles(
+      lambda: generate(ModelRunner(model), _prompts(), NEW, block_size=BLOCK,
+                       compile_ahead=False, **kwargs))
   assert threads == ["compile-decode-block"]
   assert compiled_by == ["MainThread"]  # the listener sees the compile where it happens
+  assert ahead.tokens == plain.tokens
+
+
+def test_a_hook_that_needs_concrete_values_compiles_the_decode_block_after_it():
+  """The decode block compiles from the shapes ``after_prefill`` will return, before it
+  runs; a hook that reads values on the host cannot be traced for them, and then the block
+  compiles in the thread after the hook (no error), with the tokens of a plain generation."""
+  seen = []
+
+  def host_hook(cache):  # a host-side check: needs concrete values
+    seen.append(int(np.asarray(cache.layers[0].lengths).max()))
+    return cache
+
+  model = Llama(CFG, rngs=nnx.Rngs(5))
+  prompts = _prompts()
+  ahead, threads = _decode_block_compiles(
+      lambda: generate(ModelRunner(model), prompts, NEW, block_size=BLOCK,
+                       after_prefill=host_hook))
+  plain = generate(ModelRunner(model), prompts, NEW, block_size=BLOCK, compile_ahead=False,
+                   after_prefill=host_hook)
+  assert threads == ["compile-decode-block"]
+  assert seen == [max(map(len, prompts))] * 2
   assert ahead.tokens == plain.tokens

@@ -230,8 +230,8 @@ def prefill(
 
   prefill_cache_bytes = int(getattr(cache, "nbytes", 0))
   wait = final = None
-  if while_computing is not None:  # from the shapes the hook will return, before it runs:
-    # the hook's own first compile (e.g. a one-shot compression's) overlaps the callee's
+  if while_computing is not None:  # from the shapes the hook will return, before it runs,
+    # so the hook's own first compile (a one-shot compression's) overlaps the decode block's
     try:
       final = cache if after_prefill is None else jax.eval_shape(after_prefill, cache)
     except TypeError:  # a hook that needs concrete values (jax's tracer errors): after it

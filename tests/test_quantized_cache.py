@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from headkv_jax import attention
+from headkv_jax import paged_cache
 from headkv_jax import policies
 from headkv_jax import quantization
 from headkv_jax import slot_store
@@ -240,7 +241,6 @@ def test_a_decode_steps_key_channels_are_a_chunks_with_that_token_alone_stored()
   """A one-token write (every decode step) fixes the channels of a head without any by a
   shorter formula; it must equal the general one's on a chunk where only that token is
   stored (mean = the token, deviation 0, scale at the floor), and leave set heads alone."""
-  from headkv_jax import paged_cache
   rng = np.random.RandomState(5)
   b, hkv = 2, 3
   k = jnp.asarray(rng.randn(b, hkv, 1, D).astype(np.float32))

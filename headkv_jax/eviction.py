@@ -26,10 +26,7 @@ from headkv_jax import cache_layout
 from headkv_jax import policies as policies_lib
 from headkv_jax import slot_pool
 from headkv_jax import slot_store
-
-
-def _traced(*trees) -> bool:
-  return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(trees))
+from headkv_jax.jit import traced
 
 
 def _at(table, layer):
@@ -76,7 +73,7 @@ def compress(cache, oracle_scores: Sequence[jnp.ndarray] | None = None,
   oracle = None
   if oracle_scores is not None:
     oracle = jnp.stack([jnp.asarray(o, jnp.float32) for o in oracle_scores])  # [L, B, H, P]
-  if _traced(cache, oracle):
+  if traced(cache, oracle):
     return _compress(cache, oracle, headroom, budgets)
   return _compress_jit(cache, oracle, headroom, budgets)  # eager callers: one program
 
@@ -250,7 +247,7 @@ def rechunk(cache, chunk_size: int, oracle_scores=None, budgets=None):
         f"residual of {max(fp_room, 0)} tokens, below this cache's {cache.residual}: its "
         "window could not move to the re-packed cache; create the cache with "
         f"residual <= {max(fp_room, 0)}.")
-  if not _traced(cache, oracle_scores):
+  if not traced(cache, oracle_scores):
     return _rechunk_jit(cache, chunk_size, oracle_scores, budgets)
   return _rechunk(cache, chunk_size, oracle_scores, budgets)
 

@@ -49,7 +49,7 @@ class _LazyJit:
     return jax.jit(self._fun, **kwargs)
 
   def __call__(self, *args, **kwargs):
-    if _traced(args, kwargs):  # called inside another jit (e.g. a hook in a decode block)
+    if traced(args, kwargs):  # called inside another jit (e.g. a hook in a decode block)
       return self._nested(*args, **kwargs)
     return self._jitted(*args, **kwargs)
 
@@ -62,9 +62,10 @@ class _LazyJit:
         self.__dict__[name].clear_cache()
 
 
-def _traced(args, kwargs) -> bool:
-  """Whether any argument is a tracer (the call is being traced into an outer program)."""
-  return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs)))
+def traced(*trees) -> bool:
+  """Whether any leaf of ``trees`` is a tracer: the call is being traced (into an outer
+  program, or by ``jax.eval_shape``), so its values are not on the host."""
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(trees))
 
 
 def jit(fun: Callable | None = None, **kwargs):
@@ -78,4 +79,4 @@ def jit(fun: Callable | None = None, **kwargs):
   return _LazyJit(fun, dict(kwargs))
 
 
-__all__ = ["jit", "compiler_options"]
+__all__ = ["jit", "compiler_options", "traced"]

@@ -90,6 +90,7 @@ from headkv_jax import sharding
 from headkv_jax import slot_pool
 from headkv_jax import slot_store
 from headkv_jax.fp_window import FpWindow
+from headkv_jax.jit import traced
 from pallas_kernels import packing
 
 SUPPORTED_BITS = quantization.SUPPORTED_BITS
@@ -661,7 +662,7 @@ class PagedKVCache:
     Returns:
       ``(out [B, T, Hq, D], new cache)``.
     """
-    if not eviction._traced(self, layer, q, k, v, positions, rope):
+    if not traced(self, layer, q, k, v, positions, rope):
       # Eager callers get one compiled program per shape (the layer traced, so one for every
       # layer), not an op-by-op dispatch that also re-traces each loop body on every call.
       return _attend_jit(self, jnp.asarray(layer, jnp.int32), q, k, v, positions, rope)

@@ -38,6 +38,7 @@ from headkv_jax import attention
 from headkv_jax import cache_attention
 from headkv_jax import policies as policies_lib
 from headkv_jax.dense_cache import DenseKVCache
+from headkv_jax.jit import traced
 from headkv_jax.paged_cache import PagedKVCache
 
 QUERY_BLOCK = 256  # queries per block when summing attention (bounds the logits' memory)
@@ -244,7 +245,7 @@ def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Poli
 def check_one_shot(recorded: RecordingCache) -> None:
   """Raises if the recorded statistics miss tokens the dense cache holds (several calls)."""
   lengths = recorded.dense.layers[0].lengths
-  if isinstance(lengths, jax.core.Tracer):  # shapes only (jax.eval_shape): nothing to check
+  if traced(lengths):  # shapes only (jax.eval_shape): nothing to check
     return
   held = int(np.max(np.asarray(lengths)))
   seen = recorded.window_probs[0].shape[-1]

@@ -229,18 +229,18 @@ def prefill(
       cache = after_prefill_chunk(cache)
 
   prefill_cache_bytes = int(getattr(cache, "nbytes", 0))
-  wait = final = None
-  if while_computing is not None:  # from the shapes the hook will return, before it runs,
-    # so the hook's own first compile (a one-shot compression's) overlaps the decode block's
+  # The decode block compiles from the shapes after_prefill will return, before it runs: the
+  # hook's own first compile (a one-shot compression's) then overlaps the block's.
+  final = None
+  if while_computing is not None:
     try:
       final = cache if after_prefill is None else jax.eval_shape(after_prefill, cache)
     except TypeError:  # a hook that needs concrete values (jax's tracer errors): after it
-      final = None
-    if final is not None:
-      wait = while_computing(final, lengths)
+      pass
+  wait = None if final is None else while_computing(final, lengths)
   if after_prefill is not None:
     cache = after_prefill(cache)
-  if while_computing is not None and final is None:
+  if while_computing is not None and wait is None:
     wait = while_computing(cache, lengths)
   jax.block_until_ready((last_logits, cache))
   seconds = time.perf_counter() - t0

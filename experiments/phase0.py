@@ -65,7 +65,7 @@ def evaluate_oracle(runner, tokenizer, sample, spec, *, chunk_size, max_new_toke
   """`evaluate.evaluate_sample` for the oracle policy (same metrics, plus `oracle_s`)."""
   prompt = list(sample.prompt_tokens)
   t0 = time.perf_counter()
-  capacity = generation.bucket(generation.bucket(len(prompt)) + max_new_tokens)  # cache positions
+  capacity = generation.capacity(len(prompt), max_new_tokens, chunk_size)  # cache positions
   scores = oracle_scores(runner, tokenizer, sample, capacity)
   oracle_s = time.perf_counter() - t0
   record = evaluate.evaluate_sample(runner, tokenizer, sample, spec, chunk_size=chunk_size,

@@ -126,10 +126,16 @@ class RecordingCache:
   record statistics of that call's queries only, so :func:`check_one_shot` refuses a cache
   whose statistics do not cover every token it holds.
 
+  The statistics are indexed by cache slot, over the dense cache's whole capacity (the call
+  fills slots ``[0, T)``; the rest are zero): their shapes follow the capacity, not the
+  prompt, so one compiled compression serves every prompt of one capacity.
+
   Attributes:
     dense: the wrapped :class:`DenseKVCache` (attention and K/V storage).
     accumulated, window_probs: per layer, the statistics (None before the layer ran;
-      ``accumulated`` stays None unless ``accumulate``).
+      ``accumulated`` stays None unless ``accumulate``), last axis the capacity.
+    seen: int32 scalar, the tokens (columns, padding included) of the call the statistics
+      come from; :func:`check_one_shot` compares it with the tokens held.
     window: ``W``, static.
     accumulate: whether ``accumulated`` is recorded (H2O needs it; it costs a second pass
       over the causal attention: a 2,000-token SmolLM2 prefill took 5.3 s with it and 4.6 s
@@ -139,6 +145,7 @@ class RecordingCache:
   dense: DenseKVCache
   accumulated: tuple
   window_probs: tuple
+  seen: jax.Array
   window: int = flax.struct.field(pytree_node=False)
   accumulate: bool = flax.struct.field(pytree_node=False, default=True)
 
@@ -149,7 +156,7 @@ class RecordingCache:
       raise ValueError(f"window must be >= 0, got {window}.")
     n = len(dense.layers)
     return cls(dense=dense, accumulated=(None,) * n, window_probs=(None,) * n,
-               window=int(window), accumulate=bool(accumulate))
+               seen=jnp.zeros((), jnp.int32), window=int(window), accumulate=bool(accumulate))
 
   @property
   def nbytes(self) -> int:
@@ -172,19 +179,27 @@ class RecordingCache:
 
     return self.replace(dense=self.dense.with_layer_view(layer, view.dense),
                         accumulated=put(self.accumulated, view.accumulated),
-                        window_probs=put(self.window_probs, view.window_probs))
+                        window_probs=put(self.window_probs, view.window_probs),
+                        seen=view.seen)
 
   def attend(self, layer: int, q, k, v, positions, rope):
     """The dense cache's attention, plus this call's statistics for ``layer``."""
     out, lse_rows, dense = self.dense.attend_with_lse(layer, q, k, v, positions, rope)
     acc, win = attention_stats(rope.apply(q, positions), rope.apply(k, positions), positions,
                                self.window, lse_rows, accumulate=self.accumulate)
+    # Slots [T, capacity) of a one-shot call hold nothing: zero statistics (a second call's
+    # statistics would not match its slots; check_one_shot refuses that cache by `seen`).
+    t, room = k.shape[1], dense.layers[layer].positions.shape[-1]
+    pad = lambda x: None if x is None else jnp.pad(
+        x, [(0, 0)] * (x.ndim - 1) + [(0, max(room - t, 0))])
+    acc, win = pad(acc), pad(win)
 
     def put(seq, x):
       return seq[:layer] + (x,) + seq[layer + 1:]
 
     return out, self.replace(dense=dense, accumulated=put(self.accumulated, acc),
-                             window_probs=put(self.window_probs, win))
+                             window_probs=put(self.window_probs, win),
+                             seen=jnp.asarray(t, jnp.int32))
 
 
 def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Policy, *,
@@ -220,7 +235,7 @@ def compress_prompt(recorded: RecordingCache, budgets, policy: policies_lib.Poli
                      "model first (one call, the whole prompt).")
   layers = recorded.dense.layers
   b, hkv, _, d = layers[0].k.shape
-  t = recorded.window_probs[0].shape[-1]  # tokens of the recorded call
+  t = recorded.window_probs[0].shape[-1]  # slots the statistics cover: the capacity
   cache = PagedKVCache.create(len(layers), b, hkv, d, budgets, policy, chunk_size=t,
                               dtype=layers[0].k.dtype, page_size=page_size, bits=bits,
                               rope=rope, quant_group=quant_group,
@@ -248,7 +263,7 @@ def check_one_shot(recorded: RecordingCache) -> None:
   if traced(lengths):  # shapes only (jax.eval_shape): nothing to check
     return
   held = int(np.max(np.asarray(lengths)))
-  seen = recorded.window_probs[0].shape[-1]
+  seen = int(recorded.seen)
   if held > seen:
     raise ValueError(f"The cache holds {held} tokens but its statistics cover the last call's "
                      f"{seen}; prefill the whole prompt in one call for shared compression.")

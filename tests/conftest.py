@@ -24,4 +24,4 @@ def _release_executables_near_the_map_limit():
   (the process then dies with a segmentation fault mid-suite): after each test, drop every
   cached executable once the process holds half its limit (``headkv_jax.memory_maps``)."""
   yield
-  memory_maps.release_near_limit()
+  memory_maps.release_near_limit(memory_maps.FRACTION)

@@ -1,12 +1,18 @@
-"""Prompts of many lengths in one process reuse compiled programs: shapes come from buckets.
+"""Prompts of many lengths in one process reuse compiled programs: shapes come from buckets
+and, past 1,024 tokens, from coarser size classes.
 
 A library user looping over prompts of slightly different lengths once filled the process's
 memory-map limit with one new set of executables per prompt (budgets capped at the exact
 prompt length were static configuration). Every static shape now follows the prompt's bucket,
-so a sweep compiles once per bucket and method; this test counts the compiled programs.
+so a sweep compiles once per bucket and method; and the cache capacity and budget caps follow
+the bucket's size class, so past 1,024 tokens the decode and compression programs serve
+several buckets (only the prefill, whose tokens are the bucket, compiles per bucket). These
+tests count the compiled programs.
 """
 
 import gc
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -32,8 +38,14 @@ def _programs(runner) -> int:
          runner._layerwise._head, method_driver._compress_recorded,
          method_driver.rechunk_for_decoding, method_driver.compress_chunk,
          method_driver.evict_while_decoding]
-  return sum(f._jitted._cache_size() if hasattr(f, "_jitted") else f._cache_size()
-             for f in fns if not hasattr(f, "_jitted") or "_jitted" in f.__dict__)
+  return sum(_compiled(f) for f in fns)
+
+
+def _compiled(fn) -> int:
+  """Programs ``fn`` (a jitted function, or a lazy one: ``headkv_jax.jit``) holds."""
+  if hasattr(fn, "_jitted"):
+    return fn._jitted._cache_size() if "_jitted" in fn.__dict__ else 0
+  return fn._cache_size()
 
 
 def test_ten_prompt_lengths_of_one_bucket_compile_once():
@@ -57,3 +69,45 @@ def test_ten_prompt_lengths_of_one_bucket_compile_once():
       generation.generate(runner, [prompt], 6, eos_ids=[], **hooks)
     counts.append(_programs(runner))
   assert counts[1:] == [counts[0]] * (len(lengths) - 1), counts
+
+
+def test_size_classes_are_buckets_up_to_1024_and_at_most_an_eighth_more_past_it():
+  """The rounding that decides how many programs a sweep compiles, and what it wastes."""
+  classes = [generation.size_class(n) for n in range(1, 70_000)]
+  for n, c in enumerate(classes, start=1):
+    assert c >= n and c % generation.BUCKET == 0, (n, c)
+    assert c == generation.bucket(n) if n <= 1024 else c <= n * 1.125, (n, c)
+  assert classes == sorted(classes)  # a longer prompt never gets a smaller cache
+  # A sweep of 1,900-2,100-token prompts with 12 new tokens: four buckets, two classes.
+  buckets = {generation.bucket(n) for n in range(1900, 2101)}
+  assert len(buckets) == 4
+  assert {generation.budget_cap(n, 12) for n in range(1900, 2101)} == {2048, 2304}
+  assert generation.capacity(1900, 12) == 2048 and generation.capacity(2100, 12) == 2304
+  assert generation.capacity(1900, 12, chunk_size=1024) == 2048  # last chunk padded to 2,048
+  assert generation.capacity(1900, 12, chunk_size=1536) == 3072
+
+
+def test_two_buckets_of_one_size_class_share_the_decode_and_compression_programs():
+  """1,100 and 1,200 tokens (buckets 1,152 and 1,216, class 1,280 with 6 new tokens): the
+  second prompt compiles its prefill's layer program and nothing that decodes or compresses."""
+  cfg = dataclasses.replace(CFG, max_position_embeddings=2048)
+  jax.clear_caches()  # see test_ten_prompt_lengths_of_one_bucket_compile_once
+  gc.collect()
+  runner = ModelRunner(Llama(cfg, rngs=nnx.Rngs(0)))
+  rng = np.random.RandomState(1)
+
+  def counts():
+    return tuple(_compiled(f) for f in (runner._decode_block, method_driver._compress_recorded,
+                                        runner._layerwise._layer))
+
+  seen = []
+  for n in (1100, 1200):
+    assert generation.budget_cap(n, 6) == 1280
+    results, _ = shared_prefill.generate_shared(runner, [list(rng.randint(4, 97, n))], 6,
+                                                SPECS, eos_ids=[])
+    assert all(len(r.tokens[0]) == 6 for r in results)
+    assert all(r.cache.nbytes > 0 for r in results)
+    seen.append(counts())
+  (decode, compress, layer), (decode2, compress2, layer2) = seen
+  assert (decode2, compress2) == (decode, compress), seen
+  assert layer2 > layer, seen  # the prefill of a new bucket is a new program

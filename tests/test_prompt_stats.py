@@ -138,3 +138,26 @@ def test_compress_prompt_refuses_what_it_cannot_do():
   specs = [methods.MethodSpec("snapkv", 8), methods.MethodSpec("headaware", 8)]
   assert not method_driver.record_accumulated(specs)
   assert method_driver.record_accumulated(specs + [methods.MethodSpec("h2o", 8)])
+
+
+def test_a_recording_of_several_calls_is_refused_and_one_call_fills_slots_from_zero(runner):
+  """The statistics are indexed by slot over the whole capacity: one call over the prompt
+  fills slots [0, T) and leaves zeros past them; a chunked prefill (whose last call's
+  statistics would sit at the wrong slots) is refused by check_one_shot, not compressed."""
+  from models import generation
+  prompts = _prompts()
+  maker = method_driver.recording_cache_maker(CFG, runner.model.dtype, 8, True)
+  done = generation.prefill(runner, prompts, NEW, make_cache=maker)
+  rec = done.cache
+  prompt_stats.check_one_shot(rec)
+  t = generation.bucket(150)
+  assert int(rec.seen) == t
+  room = rec.dense.layers[0].positions.shape[-1]
+  assert room == generation.capacity(150, NEW) > t
+  for acc, win in zip(rec.accumulated, rec.window_probs):
+    assert acc.shape[-1] == win.shape[-1] == room
+    assert not np.any(np.asarray(acc)[..., t:]) and not np.any(np.asarray(win)[..., t:])
+    assert np.all(np.asarray(acc)[0, ..., :150] > 0)  # every real token was attended to
+  chunked = generation.prefill(runner, prompts, NEW, make_cache=maker, chunk_size=64)
+  with pytest.raises(ValueError, match="prefill the whole prompt in one call"):
+    prompt_stats.check_one_shot(chunked.cache)

@@ -1,6 +1,6 @@
 """Phase 1: full / h2o / streamingllm / headaware x 2000, 5000, 10000, 20000 tokens.
 
-  python -m experiments.phase1 --budget=4096                 # ~30 min on a 2-core CPU
+  python -m experiments.phase1 --budget=4096                 # ~13 min on a 2-core CPU
   python -m experiments.phase1 --budget=4096 --grid=paper    # the seed plan's full grid
 
 Per cell (method, task, length) at one `--budget`: task accuracy (passkey), perplexity
@@ -24,8 +24,8 @@ LENGTHS = (2000, 5000, 10000, 20000)
 PAPER_TASKS = ('passkey', 'niah_single', 'niah_multikey', 'niah_multivalue',
                'niah_multiquery', 'variable_tracking', 'perplexity')
 # Sized from measured wall times on a 2-core CPU: one passkey sample visits all four lengths
-# (37k tokens) for all four methods in ~25 min; adding `--tasks=passkey,perplexity` doubles
-# the prefill work (46 min measured).
+# (37k tokens) for all four methods in 12 min 45 s (every on-disk cache empty); adding
+# `--tasks=passkey,perplexity` doubles the prefill work (46 min measured before the speed-ups).
 GRIDS = {
     'default': dict(methods=METHODS, lengths=LENGTHS, budget=4096, tasks=('passkey',),
                     num_samples=1),

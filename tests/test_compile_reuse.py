@@ -10,9 +10,8 @@ several buckets (only the prefill, whose tokens are the bucket, compiles per buc
 tests count the compiled programs.
 """
 
-import gc
-
 import dataclasses
+import gc
 
 import jax
 import numpy as np

@@ -8,7 +8,7 @@ from headkv_jax import memory_maps
 
 @pytest.fixture
 def fake_process(monkeypatch):
-  """A process whose map counts come from a list; clearing the caches drops it to 50."""
+  """A process holding ``state["held"]`` of 1,000 maps; clearing the caches drops it to 50."""
   state = dict(held=0, cleared=0)
   monkeypatch.setattr(memory_maps, "memory_maps", lambda: (state["held"], 1000))
 
@@ -23,9 +23,9 @@ def fake_process(monkeypatch):
 
 
 def test_the_adaptive_rule_keeps_room_for_twice_the_largest_unit_seen(fake_process):
-  """Limit 1,000, HEADROOM 0.3: units of 100 maps keep everything up to 700 held; one unit of
-  250 makes the next call want 500 of room, so 550 held releases; then history restarts
-  from what is held after the release."""
+  """Limit 1,000, HEADROOM 0.3: units of 100 maps keep everything up to 700 held (the room
+  is the 300 floor), 701 releases; the next unit is measured from the 50 held after the
+  release, and one of 250 makes the next call want 500 of room, so 501 releases."""
   calls = []
   for held in (100, 200, 300, 400, 500, 600, 700):
     fake_process["held"] = held

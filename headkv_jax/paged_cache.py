@@ -165,17 +165,17 @@ def _first_key_channels(old, k, stored):
   never changes."""
   x = k.astype(jnp.float32)
   if k.shape[2] == 1:  # one token (a decode step): its mean is itself, its deviation 0
-    new = jnp.stack([jnp.where(stored, x[:, :, 0], 0.0),
-                     jnp.full(x[:, :, 0].shape, KEY_SCALE_FLOOR, jnp.float32)], axis=2)
-    unset = jnp.all(old[:, :, 1] == 0, axis=-1) & stored[..., 0]  # [B, Hkv]
-    return jnp.where(unset[..., None, None], new.astype(old.dtype), old)
-  count = jnp.maximum(jnp.sum(stored, axis=-1, dtype=jnp.int32), 1)[..., None]  # [B, Hkv, 1]
-  mean = jnp.sum(jnp.where(stored[..., None], x, 0.0), axis=2) / count  # [B, Hkv, D]
-  var = jnp.sum(jnp.where(stored[..., None], jnp.square(x - mean[:, :, None]), 0.0),
-                axis=2) / count
-  std = jnp.sqrt(var)
-  floor = jnp.maximum(0.1 * jnp.mean(std, axis=-1, keepdims=True), KEY_SCALE_FLOOR)
-  new = jnp.stack([mean, jnp.maximum(std, floor)], axis=2).astype(old.dtype)  # [B, Hkv, 2, D]
+    mean = jnp.where(stored, x[:, :, 0], 0.0)  # [B, Hkv, D]
+    scale = jnp.full(mean.shape, KEY_SCALE_FLOOR, jnp.float32)
+  else:
+    count = jnp.maximum(jnp.sum(stored, axis=-1, dtype=jnp.int32), 1)[..., None]  # [B, Hkv, 1]
+    mean = jnp.sum(jnp.where(stored[..., None], x, 0.0), axis=2) / count  # [B, Hkv, D]
+    var = jnp.sum(jnp.where(stored[..., None], jnp.square(x - mean[:, :, None]), 0.0),
+                  axis=2) / count
+    std = jnp.sqrt(var)
+    scale = jnp.maximum(std, jnp.maximum(0.1 * jnp.mean(std, axis=-1, keepdims=True),
+                                         KEY_SCALE_FLOOR))
+  new = jnp.stack([mean, scale], axis=2).astype(old.dtype)  # [B, Hkv, 2, D]
   unset = jnp.all(old[:, :, 1] == 0, axis=-1) & jnp.any(stored, axis=-1)  # [B, Hkv]
   return jnp.where(unset[..., None, None], new, old)
 

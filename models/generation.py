@@ -86,13 +86,20 @@ def size_class(n: int) -> int:
   return _round_up(int(n), step)
 
 
+def chunk_width(prompt_len: int, chunk_size: int | None) -> int:
+  """The columns of every prefill call for a ``prompt_len``-token prompt: ``chunk_size``
+  (None: one call), at most the prompt's bucket."""
+  padded = bucket(prompt_len)
+  return padded if chunk_size is None else min(chunk_size, padded)
+
+
 def capacity(prompt_len: int, max_new_tokens: int, chunk_size: int | None = None) -> int:
   """The cache positions :func:`prefill` makes room for: the prompt's bucket plus the new
   tokens, and the last chunk's padding columns (``chunk_size``; None: one call), as a
   :func:`size_class`."""
   padded = bucket(prompt_len)
-  chunk = padded if chunk_size is None else min(chunk_size, padded)
-  return size_class(max(padded + max_new_tokens, _round_up(padded, chunk)))
+  total = _round_up(padded, chunk_width(prompt_len, chunk_size))
+  return size_class(max(padded + max_new_tokens, total))
 
 
 def budget_cap(prompt_len: int, max_new_tokens: int) -> int:
@@ -226,7 +233,7 @@ def prefill(
   b = len(prompts)
   lengths = np.array([len(p) for p in prompts], np.int32)
   padded = bucket(int(lengths.max()))
-  chunk = padded if chunk_size is None else min(chunk_size, padded)
+  chunk = chunk_width(int(lengths.max()), chunk_size)
   # Every chunk has `chunk` columns, the last one padded (position -1, never stored): one
   # compiled program per chunk size, not a second one for a shorter last chunk (a new shape
   # compiles every distinct layer again: 125 s for head-aware's 30 ragged layers at 4k).

@@ -194,7 +194,7 @@ class MethodDriver:
     if chunk_size is not None and chunk_size <= 0:
       raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     padded = generation.bucket(prompt_len)
-    chunk = padded if chunk_size is None else min(chunk_size, padded)
+    chunk = generation.chunk_width(prompt_len, chunk_size)
     given, spec = spec, resolve_spec(spec, prompt_len, chunk_size)
     cap = generation.budget_cap(prompt_len, max_new_tokens)
     if spec.position_mode == "cache_relative":

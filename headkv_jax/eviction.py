@@ -197,7 +197,13 @@ def choose(cache, layer, oracle, size: int, budgets=None):
     sc = oracle_slot_scores(oracle, pc, cache.num_kv_heads, policy.gqa_reduce)
   else:
     sc = cache.selection_scores(layer, valid, sc, size)
-  keep = policies_lib.select_keep(policy, sc, n, _at(budgets or cache.budgets, layer))
+  targets = np.asarray(budgets or cache.budgets)  # [L, Hkv]
+  most = None  # a static bound on what a head evicts: its region's room past its target
+  if not lay.adaptive:
+    room = lay.region - targets  # [L, Hkv]
+    most = max(int(room[int(layer)].max() if isinstance(layer, (int, np.integer))
+                   else room.max()), 0)
+  keep = policies_lib.select_keep(policy, sc, n, _at(targets, layer), most)
   order, new_n = policies_lib.compact(keep)  # [B, Hkv, size], [B, Hkv]
   kept = jnp.arange(size)[None, None, :] < new_n[..., None]
   src = jnp.where(kept, jnp.take_along_axis(idx, order, axis=2), -1)

@@ -272,7 +272,30 @@ def _ranks(prio):
   return _inverse_permutation(jnp.argsort(-prio, axis=-1, stable=True).astype(jnp.int32))
 
 
-def select_keep(policy: Policy, scores, lengths, budgets):
+# A head evicting at most 1/EVICT_FRACTION of the slots it ranks finds them with a top-k.
+EVICT_FRACTION = 16
+
+
+def _evicted(prio, count, most: int):
+  """``[B, Hkv, C]`` bool: the ``count [B, Hkv]`` (``<= most``, static) entries that rank
+  last by :func:`_ranks` (lowest ``prio``, ties to the higher index), from one
+  ``lax.top_k`` of ``most`` entries instead of a sort of all ``C``."""
+  num_slots = prio.shape[-1]
+  # Reversed, top_k's ties-to-the-lower-index pick the higher original index first.
+  _, idx = jax.lax.top_k(-prio[..., ::-1], most)  # [B, Hkv, most], lowest priority first
+  idx = num_slots - 1 - idx
+  take = jnp.arange(most)[None, None, :] < count[..., None]
+  idx = jnp.where(take, idx, num_slots)  # past the end: dropped
+
+  def one(i):  # [most] -> [C]
+    return jnp.zeros((num_slots,), bool).at[i].set(True, mode="drop")
+
+  for _ in range(idx.ndim - 1):
+    one = jax.vmap(one)
+  return one(idx)
+
+
+def select_keep(policy: Policy, scores, lengths, budgets, most_evicted: int | None = None):
   """Keep mask ``[B, Hkv, C]`` for one layer (see the module docstring for the rule).
 
   Args:
@@ -280,6 +303,10 @@ def select_keep(policy: Policy, scores, lengths, budgets):
     scores: ``[B, Hkv, C]`` float per-slot statistic (ignored by streamingllm / full).
     lengths: ``[B, Hkv]`` int32 slots in use.
     budgets: ``[Hkv]`` ints or a traced int32 array, this layer's budgets.
+    most_evicted: a static bound on ``lengths - budgets`` (e.g. a region's headroom), or
+      None. Where it is at most ``C / EVICT_FRACTION`` (a decode step's eviction: a page
+      out of thousands) the evicted slots come from a top-k of that many, not a sort of all
+      ``C``: the same mask (adakv, whose heads trade budget, always sorts).
   """
   budgets = jnp.asarray(budgets, jnp.int32)
   num_slots = scores.shape[-1]
@@ -287,6 +314,10 @@ def select_keep(policy: Policy, scores, lengths, budgets):
   if policy.name == "full":
     return valid
   prio = priorities(policy, scores, lengths, budgets)
+  if (not policy.adaptive and most_evicted is not None
+      and 0 < most_evicted * EVICT_FRACTION <= num_slots):
+    count = jnp.maximum(lengths - budgets[None, :], 0)  # [B, Hkv]
+    return valid & ~_evicted(jnp.where(valid, prio, jnp.inf), count, int(most_evicted))
   rank = _ranks(prio)  # [B, Hkv, C]
   if not policy.adaptive:
     return valid & (rank < jnp.asarray(budgets, jnp.int32)[None, :, None])

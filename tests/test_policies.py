@@ -111,6 +111,27 @@ def test_select_keep_matches_brute_force(policy, data):
     assert keep[forced].all()
 
 
+@pytest.mark.parametrize("policy", [p for p in POLICY_CASES if not p.adaptive],
+                         ids=lambda p: f"{p.name}-{p.n_sink}-{p.window}")
+@hypothesis.settings(max_examples=10, deadline=None)
+@hypothesis.given(data=st.data())
+def test_a_few_evictions_found_by_top_k_match_the_sort(policy, data):
+  """A head at most ``most_evicted`` over its budget (a decode step's eviction: a page of
+  thousands of slots) finds the slots to drop with a top-k instead of a sort: exactly the
+  keep mask of the sort and of the brute force, ties (small integer scores) included."""
+  most, c_size = 16, 16 * policies.EVICT_FRACTION
+  budgets = np.array(data.draw(st.lists(st.integers(max(policy.min_budget, 1), c_size - most),
+                                        min_size=H, max_size=H)))
+  over = np.array(data.draw(st.lists(st.integers(-3, most), min_size=2 * H, max_size=2 * H)))
+  lengths = np.clip(budgets[None, :] + over.reshape(2, H), 0, c_size)
+  rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
+  scores = jnp.asarray(rng.integers(0, 4, size=(2, H, c_size)).astype(np.float32))
+  args = (policy, scores, jnp.asarray(lengths), budgets)
+  fast = np.asarray(policies.select_keep(*args, most_evicted=most))
+  np.testing.assert_array_equal(fast, np.asarray(policies.select_keep(*args)))
+  np.testing.assert_array_equal(fast, ref_keep(policy, np.asarray(scores), lengths, budgets))
+
+
 def test_compact_keeps_position_order():
   keep = jnp.asarray([[[True, False, True, False, True]]])
   idx, lengths = policies.compact(keep)

@@ -253,18 +253,24 @@ def priorities(policy: Policy, scores, lengths, budgets):
   return jnp.where(forced, jnp.inf, prio)
 
 
-def _inverse_permutation(perm):
-  """``inv`` with ``inv[..., perm[..., i]] = i`` along the last axis (a scatter, not a sort).
+def _per_row(fn, x):
+  """``fn`` (on the last axis) mapped over every leading axis of ``x``.
 
-  Mapped over the leading axes (a scatter with batch dimensions) rather than indexed by their
-  iotas: on a mesh the partitioner then keeps each row's scatter on the devices holding the row
-  instead of gathering the whole batch's indices into every device."""
+  A scatter mapped over the leading axes (one with batch dimensions) rather than indexed by
+  their iotas: on a mesh the partitioner then keeps each row's scatter on the devices holding
+  the row instead of gathering the whole batch's indices into every device."""
+  for _ in range(x.ndim - 1):
+    fn = jax.vmap(fn)
+  return fn(x)
+
+
+def _inverse_permutation(perm):
+  """``inv`` with ``inv[..., perm[..., i]] = i`` along the last axis (a scatter, not a sort,
+  :func:`_per_row`)."""
   def one(p):  # [N]
     return jnp.zeros(p.shape, jnp.int32).at[p].set(jnp.arange(p.shape[0], dtype=jnp.int32))
 
-  for _ in range(perm.ndim - 1):
-    one = jax.vmap(one)
-  return one(perm)
+  return _per_row(one, perm)
 
 
 def _ranks(prio):
@@ -290,9 +296,7 @@ def _evicted(prio, count, most: int):
   def one(i):  # [most] -> [C]
     return jnp.zeros((num_slots,), bool).at[i].set(True, mode="drop")
 
-  for _ in range(idx.ndim - 1):
-    one = jax.vmap(one)
-  return one(idx)
+  return _per_row(one, idx)
 
 
 def select_keep(policy: Policy, scores, lengths, budgets, most_evicted: int | None = None):

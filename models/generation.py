@@ -93,13 +93,18 @@ def chunk_width(prompt_len: int, chunk_size: int | None) -> int:
   return padded if chunk_size is None else min(chunk_size, padded)
 
 
+def prefill_columns(prompt_len: int, chunk_size: int | None) -> int:
+  """The columns of all prefill calls together: the prompt's bucket rounded up to whole
+  chunks of :func:`chunk_width` (the last chunk padded)."""
+  return _round_up(bucket(prompt_len), chunk_width(prompt_len, chunk_size))
+
+
 def capacity(prompt_len: int, max_new_tokens: int, chunk_size: int | None = None) -> int:
   """The cache positions :func:`prefill` makes room for: the prompt's bucket plus the new
   tokens, and the last chunk's padding columns (``chunk_size``; None: one call), as a
   :func:`size_class`."""
-  padded = bucket(prompt_len)
-  total = _round_up(padded, chunk_width(prompt_len, chunk_size))
-  return size_class(max(padded + max_new_tokens, total))
+  return size_class(max(bucket(prompt_len) + max_new_tokens,
+                        prefill_columns(prompt_len, chunk_size)))
 
 
 def budget_cap(prompt_len: int, max_new_tokens: int) -> int:
@@ -232,17 +237,17 @@ def prefill(
   memory_maps.release_near_limit()  # a long loop of calls compiles many programs
   b = len(prompts)
   lengths = np.array([len(p) for p in prompts], np.int32)
-  padded = bucket(int(lengths.max()))
-  chunk = chunk_width(int(lengths.max()), chunk_size)
+  longest = int(lengths.max())
+  chunk = chunk_width(longest, chunk_size)
   # Every chunk has `chunk` columns, the last one padded (position -1, never stored): one
   # compiled program per chunk size, not a second one for a shorter last chunk (a new shape
   # compiles every distinct layer again: 125 s for head-aware's 30 ragged layers at 4k).
-  total = _round_up(padded, chunk)
+  total = prefill_columns(longest, chunk)
   if make_cache is None:
     make_cache = functools.partial(
         _dense_cache, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, runner.model.dtype)
   # A dense cache writes a chunk's padding columns past its tokens: room for the last chunk.
-  cache = make_cache(b, capacity(int(lengths.max()), max_new_tokens, chunk))
+  cache = make_cache(b, capacity(longest, max_new_tokens, chunk))
 
   # Prefill, whole or in chunks; the last chunk's logits give each row's first new token.
   t0 = time.perf_counter()
